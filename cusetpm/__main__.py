@@ -1,0 +1,3 @@
+from cusetpm.cli import main
+
+raise SystemExit(main())

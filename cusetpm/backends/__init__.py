@@ -1,0 +1,1 @@
+"""How to reach a TPM: libtpms in process, swtpm over a socket, a kernel /dev/tpmN."""

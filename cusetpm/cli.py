@@ -1,0 +1,48 @@
+"""The `cusetpm` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from cusetpm import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cusetpm",
+        description="TPM 2.0 resource manager served as a character device (a drop-in /dev/tpmrm0).",
+    )
+    parser.add_argument("--version", action="version", version=f"cusetpm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = sub.add_parser("serve", help="serve the device node")
+    serve.add_argument(
+        "--backend",
+        default="libtpms",
+        help="libtpms | swtpm:tcp:HOST:PORT | swtpm:unix:PATH | device:/dev/tpmN (default: libtpms)",
+    )
+    serve.add_argument("--state-dir", default="/var/lib/cusetpm", help="libtpms state directory")
+    serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.command == "serve":
+        from cusetpm.serve import serve
+
+        return serve(args)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

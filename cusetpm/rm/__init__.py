@@ -1,0 +1,1 @@
+"""The resource manager: spaces, the TPM worker, sessions, regapping, policy."""

@@ -1,0 +1,1 @@
+"""TPM 2.0 wire format: constants, command/response parsing, builders. Imports nothing of cusetpm."""

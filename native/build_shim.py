@@ -1,0 +1,33 @@
+"""cffi (API mode) build of the libfuse3 shim: compiled at install into cusetpm._native.
+
+API mode lets the C compiler check libfuse's structs (bit-fields in fuse_file_info) and
+pick the right symbol versions, which ABI mode cannot.
+"""
+
+import pathlib
+import shlex
+import subprocess
+
+from cffi import FFI
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def pkg_config(*args: str) -> list[str]:
+    out = subprocess.run(["pkg-config", *args, "fuse3"], check=True, capture_output=True, text=True)
+    return shlex.split(out.stdout)
+
+
+ffibuilder = FFI()
+ffibuilder.cdef((HERE / "shim.h").read_text())
+ffibuilder.set_source(
+    "cusetpm._native",
+    '#include "shim.h"\n',
+    sources=[str(HERE / "shim.c")],
+    include_dirs=[str(HERE)],
+    extra_compile_args=[*pkg_config("--cflags"), "-Wall"],
+    extra_link_args=pkg_config("--libs"),
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

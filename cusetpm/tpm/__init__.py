@@ -1,1 +1,4 @@
-"""TPM 2.0 wire format: constants, command/response parsing, builders. Imports nothing of cusetpm."""
+"""TPM 2.0 wire format: constants, command/response parsing, builders.
+
+Imports nothing else of cusetpm.
+"""

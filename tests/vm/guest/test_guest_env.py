@@ -1,0 +1,46 @@
+"""The guest itself: CUSE is there, and the kernel's own resource manager works.
+
+These prove the guest can host the CUSE end-to-end tests and the side-by-side
+comparisons with the kernel's /dev/tpmrmN (fixture ``kernel_tpmrm``).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+
+from tests.vm.guest.conftest import modprobe
+from tests.vm.guest.tpm_raw import getrandom_command, parse_getrandom_response, transact
+
+CUSE_MAJOR, CUSE_MINOR = 10, 203  # miscdevice "cuse" (include/linux/miscdevice.h)
+
+
+def test_dev_cuse_after_modprobe() -> None:
+    modprobe("cuse")
+    st = os.stat("/dev/cuse")
+    assert stat.S_ISCHR(st.st_mode), "/dev/cuse is not a character device"
+    assert (os.major(st.st_rdev), os.minor(st.st_rdev)) == (CUSE_MAJOR, CUSE_MINOR)
+    # Opening it is what cusetpm's daemon will do first; root may.
+    fd = os.open("/dev/cuse", os.O_RDWR)
+    os.close(fd)
+
+
+def test_kernel_tpmrm_tpm2_getrandom(kernel_tpmrm: str) -> None:
+    proc = subprocess.run(
+        ["tpm2_getrandom", "-T", f"device:{kernel_tpmrm}", "--hex", "8"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert proc.returncode == 0, f"tpm2_getrandom failed: {proc.stderr}"
+    out = proc.stdout.strip()
+    assert len(out) == 16 and int(out, 16) >= 0, f"unexpected output {out!r}"
+
+
+def test_kernel_tpmrm_raw_getrandom(kernel_tpmrm: str) -> None:
+    first = parse_getrandom_response(transact(kernel_tpmrm, getrandom_command(16)))
+    second = parse_getrandom_response(transact(kernel_tpmrm, getrandom_command(16)))
+    assert len(first) == len(second) == 16
+    assert first != second

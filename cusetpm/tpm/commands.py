@@ -106,3 +106,8 @@ def unmarshal_capability(parameters: bytes) -> tuple[bool, TPMS_CAPABILITY_DATA]
 def get_capability_parameters(more_data: bool, data: TPMS_CAPABILITY_DATA) -> bytes:
     """The parameter area of a GetCapability response (for answers the RM writes itself)."""
     return pack_yes_no(more_data) + data.to_bytes()
+
+
+def context_load_raw(context: bytes) -> bytes:
+    """ContextLoad of a TPMS_CONTEXT kept as the bytes ContextSave returned (no re-marshalling)."""
+    return _no_sessions(TPM_CC.ContextLoad, context)

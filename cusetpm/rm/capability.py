@@ -1,0 +1,52 @@
+"""GetCapability(TPM_CAP_HANDLES) answered from the caller's own space.
+
+Between commands the RM holds nothing in the TPM, so the TPM's own lists say nothing useful
+about a space; the RM knows exactly what each space owns and answers for it, as the TPM would:
+ascending from `property`, at most `propertyCount`, moreData when more remain.
+"""
+
+from __future__ import annotations
+
+from cusetpm.rm.space import Space
+from cusetpm.tpm.commands import get_capability_parameters
+from cusetpm.tpm.constants import TPM_CAP, TPM_HR_HANDLE_MASK, TPM_HT, TPM_ST, handle_type
+from cusetpm.tpm.response import Response
+from cusetpm.tpm.structures import TPMS_CAPABILITY_DATA
+
+# libtpms and the reference implementation cap one list at MAX_CAP_HANDLES = 254.
+MAX_CAP_HANDLES = 254
+
+LOCAL_RANGES = frozenset({TPM_HT.TRANSIENT, TPM_HT.HMAC_SESSION, TPM_HT.POLICY_SESSION})
+
+
+def handles_query(parameters: bytes) -> tuple[int, int] | None:
+    """(property, propertyCount) if this GetCapability asks for a range the RM answers."""
+    if len(parameters) != 12:
+        return None
+    capability = int.from_bytes(parameters[0:4], "big")
+    prop = int.from_bytes(parameters[4:8], "big")
+    count = int.from_bytes(parameters[8:12], "big")
+    if capability != TPM_CAP.HANDLES or handle_type(prop) not in LOCAL_RANGES:
+        return None
+    return prop, count
+
+
+def answer_handles(space: Space, prop: int, count: int, client_saved: list[int]) -> bytes:
+    """The full response to GetCapability(TPM_CAP_HANDLES, prop, count) for this space."""
+    kind = handle_type(prop)
+    if kind == TPM_HT.TRANSIENT:
+        # Virtual handles count downward; the list is ascending, like the TPM's.
+        candidates = sorted(h for h in space.objects if h >= prop)
+    else:
+        # Session lists are ordered by session index (the low 24 bits), whatever the type.
+        sessions = space.sessions if kind == TPM_HT.HMAC_SESSION else client_saved
+        start = prop & TPM_HR_HANDLE_MASK
+        candidates = sorted(
+            (h for h in sessions if h & TPM_HR_HANDLE_MASK >= start),
+            key=lambda h: h & TPM_HR_HANDLE_MASK,
+        )
+    count = min(count, MAX_CAP_HANDLES)
+    data = TPMS_CAPABILITY_DATA(capability=TPM_CAP.HANDLES, handles=candidates[:count])
+    more = len(candidates) > count
+    parameters = get_capability_parameters(more, data)
+    return Response(TPM_ST.NO_SESSIONS, 0, parameters=parameters).to_bytes()

@@ -1,0 +1,69 @@
+"""One space per open file descriptor: the objects and sessions it owns, by the kernel's model."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+
+# Virtual transient handles: 0x80FFFFFF, 0x80FFFFFE, ... as the kernel numbers its slots.
+VHANDLE_BASE = 0x80FFFFFF
+
+_space_ids = itertools.count(1)
+
+
+def vhandle_of(index: int) -> int:
+    return VHANDLE_BASE - index
+
+
+def index_of(vhandle: int) -> int:
+    return VHANDLE_BASE - vhandle
+
+
+@dataclass(slots=True)
+class SavedObject:
+    """A transient object of a space, kept as its saved context between commands."""
+
+    context: bytes  # raw TPMS_CONTEXT as ContextSave returned it
+    # Keys never change once loaded, so their first saved context can be reloaded for ever and
+    # the RM only flushes them after use. Sequence objects (and blobs of unknown kind loaded by
+    # the client) change with every command and are saved again.
+    mutable: bool
+
+
+@dataclass
+class Space:
+    """What one descriptor owns. Touched only by the RM's worker thread (and open/close)."""
+
+    uid: int = 0
+    id: int = field(default_factory=lambda: next(_space_ids))
+    objects: dict[int, SavedObject] = field(default_factory=dict)  # by virtual handle
+    # session handles this space owns (their contexts live in the RM's session table)
+    sessions: set[int] = field(default_factory=set)
+    closed: bool = False
+    _free: list[int] = field(default_factory=list)
+    _next: int = 0
+
+    def new_vhandle(self) -> int:
+        index = heapq.heappop(self._free) if self._free else self._take_next()
+        return vhandle_of(index)
+
+    def _take_next(self) -> int:
+        self._next += 1
+        return self._next - 1
+
+    def drop_object(self, vhandle: int) -> None:
+        if self.objects.pop(vhandle, None) is not None:
+            heapq.heappush(self._free, index_of(vhandle))
+
+    def __hash__(self) -> int:
+        return self.id
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __repr__(self) -> str:
+        return (
+            f"Space(id={self.id}, uid={self.uid}, objects={len(self.objects)}, "
+            f"sessions={len(self.sessions)})"
+        )

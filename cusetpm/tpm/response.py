@@ -76,6 +76,9 @@ def parse_response(buf: bytes | bytearray | memoryview, has_handle: bool = False
                 hmac=reader.tpm2b("hmac"),
             )
         )
+    if not sessions:
+        # a TPM answers each command session with one response session; none is a torn response
+        raise SizeMismatchError("TPM_ST_SESSIONS response with an empty authorization area")
     return Response(
         tag=header.tag, responseCode=0, handle=handle, parameters=parameters, sessions=sessions
     )

@@ -1,0 +1,153 @@
+"""A raw client of the resource manager for tests: builds commands, parses responses.
+
+Commands are built with cusetpm.tpm (the wire layer under test elsewhere); templates and
+session-protected flows that need real cryptography go through tpm2-pytss's ESAPI instead
+(see RMTCTI), so no TPM behaviour is imitated here.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+from tpm2_pytss import ESAPI
+from tpm2_pytss.TCTI import PyTCTI
+
+from cusetpm.rm import ResourceManager, Space
+from cusetpm.tpm import commands as build
+from cusetpm.tpm.command import AuthCommand, Command
+from cusetpm.tpm.constants import TPM_CAP, TPM_CC, TPM_RH, TPM_RS_PW, TPM_SE, TPM_ST
+from cusetpm.tpm.response import Response, parse_response
+
+ALG_SHA256 = 0x000B
+ALG_NULL = 0x0010
+ALG_ECC = 0x0023
+ALG_RSA = 0x0001
+ALG_AES = 0x0006
+ALG_CFB = 0x0043
+ALG_KEYEDHASH = 0x0008
+ECC_NIST_P256 = 0x0003
+
+# TPMA_OBJECT: fixedTPM|fixedParent|sensitiveDataOrigin|userWithAuth|restricted|decrypt
+STORAGE_ATTRS = 0x00030072
+# fixedTPM|fixedParent|sensitiveDataOrigin|userWithAuth|sign
+SIGNING_ATTRS = 0x00040072
+
+
+def ecc_storage_template() -> bytes:
+    params = struct.pack(">HHHHHH", ALG_AES, 128, ALG_CFB, ALG_NULL, ECC_NIST_P256, ALG_NULL)
+    body = struct.pack(">HHIH", ALG_ECC, ALG_SHA256, STORAGE_ATTRS, 0) + params + b"\0\0\0\0"
+    return struct.pack(">H", len(body)) + body
+
+
+def ecc_signing_template() -> bytes:
+    # scheme ECDSA/SHA256, curve P-256, kdf NULL, empty unique
+    params = struct.pack(">HHHHH", ALG_NULL, 0x0018, ALG_SHA256, ECC_NIST_P256, ALG_NULL)
+    body = struct.pack(">HHIH", ALG_ECC, ALG_SHA256, SIGNING_ATTRS, 0) + params + b"\0\0\0\0"
+    return struct.pack(">H", len(body)) + body
+
+
+def pw_session() -> list[AuthCommand]:
+    return [AuthCommand(TPM_RS_PW, b"", 0, b"")]
+
+
+EMPTY_SENSITIVE = struct.pack(">HHH", 4, 0, 0)  # TPM2B_SENSITIVE_CREATE: empty auth and data
+NO_OUTSIDE_INFO_NO_PCRS = b"\0\0" + b"\0\0\0\0"
+
+
+class TPMFailure(AssertionError):
+    def __init__(self, what: str, rc: int):
+        super().__init__(f"{what} failed: rc 0x{rc:08x}")
+        self.rc = rc
+
+
+@dataclass
+class RawClient:
+    """One space of an RM, spoken to with raw commands."""
+
+    rm: ResourceManager
+    space: Space
+
+    def send(self, command: bytes) -> bytes:
+        return self.rm.transmit(self.space, command)
+
+    def call(self, command: bytes, has_handle: bool = False, what: str = "command") -> Response:
+        response = parse_response(self.send(command), has_handle=has_handle)
+        if response.responseCode:
+            raise TPMFailure(what, response.responseCode)
+        return response
+
+    def create_primary(self, template: bytes | None = None, hierarchy: int = TPM_RH.OWNER) -> int:
+        params = EMPTY_SENSITIVE + (template or ecc_storage_template()) + NO_OUTSIDE_INFO_NO_PCRS
+        cmd = Command(TPM_ST.SESSIONS, TPM_CC.CreatePrimary, [hierarchy], pw_session(), params)
+        handle = self.call(cmd.to_bytes(), True, "CreatePrimary").handle
+        assert handle is not None
+        return handle
+
+    def read_public(self, handle: int) -> bytes:
+        return self.call(build.read_public(handle), what="ReadPublic").parameters
+
+    def flush(self, handle: int) -> None:
+        self.call(build.flush_context(handle), what="FlushContext")
+
+    def context_save(self, handle: int) -> bytes:
+        return self.call(build.context_save(handle), what="ContextSave").parameters
+
+    def context_load(self, blob: bytes) -> int:
+        handle = self.call(build.context_load_raw(blob), True, "ContextLoad").handle
+        assert handle is not None
+        return handle
+
+    def start_session(self, session_type: int = TPM_SE.HMAC) -> int:
+        """An unbound, unsalted session (tpmKey and bind TPM_RH_NULL)."""
+        nonce_caller = struct.pack(">H", 16) + os.urandom(16)
+        no_salt = b"\0\0"
+        # sessionType, symmetric TPM_ALG_NULL, authHash SHA-256
+        params = nonce_caller + no_salt + struct.pack(">BHH", session_type, ALG_NULL, ALG_SHA256)
+        cmd = Command(
+            TPM_ST.NO_SESSIONS, TPM_CC.StartAuthSession, [TPM_RH.NULL, TPM_RH.NULL], [], params
+        )
+        handle = self.call(cmd.to_bytes(), True, "StartAuthSession").handle
+        assert handle is not None
+        return handle
+
+    def handles(self, first: int, count: int = 254) -> tuple[bool, list[int]]:
+        response = self.call(build.get_capability(TPM_CAP.HANDLES, first, count))
+        more, data = build.unmarshal_capability(response.parameters)
+        return more, data.handles
+
+    def all_handles(self, first: int) -> list[int]:
+        """Pages through GetCapability(HANDLES) with count 1, as the kernel selftest does."""
+        found: list[int] = []
+        prop = first
+        while True:
+            more, page = self.handles(prop, 1)
+            found += page
+            if not more:
+                return found
+            prop = page[-1] + 1
+
+    def get_random(self, n: int = 8) -> bytes:
+        return build.parse_get_random(self.send(build.get_random(n)))
+
+
+class RMTCTI(PyTCTI):
+    """A TCTI for tpm2-pytss that talks to one space of an in-process RM."""
+
+    def __init__(self, rm: ResourceManager, space: Space):
+        super().__init__()
+        self.rm = rm
+        self.space = space
+        self._response = b""
+
+    def do_transmit(self, command: bytes) -> None:
+        self._response = self.rm.transmit(self.space, bytes(command))
+
+    def do_receive(self, timeout: int) -> bytes:
+        response, self._response = self._response, b""
+        return response
+
+
+def esapi(rm: ResourceManager, space: Space) -> ESAPI:
+    return ESAPI(RMTCTI(rm, space))

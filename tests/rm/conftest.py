@@ -1,0 +1,50 @@
+"""Fixtures for resource-manager tests: an RM over libtpms in process (a real TPM)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from cusetpm.backends.libtpms import LibtpmsBackend
+from cusetpm.rm import ResourceManager, RMConfig
+from tests.rm.client import RawClient
+
+RMFactory = Callable[..., ResourceManager]
+
+
+@pytest.fixture
+def make_rm(tmp_path: Path) -> Iterator[RMFactory]:
+    """make_rm(config=None, wrap=None): one RM over a fresh libtpms; `wrap` may wrap the
+    backend (fault injection). Stopped and closed after the test."""
+    made: list[tuple[ResourceManager, LibtpmsBackend]] = []
+
+    def factory(config: RMConfig | None = None, wrap: Callable | None = None) -> ResourceManager:
+        assert not made, "libtpms is one TPM per process: one RM per test"
+        backend = LibtpmsBackend(tmp_path / "state")
+        rm = ResourceManager(wrap(backend) if wrap else backend, config)
+        made.append((rm, backend))
+        rm.start()
+        return rm
+
+    yield factory
+    for rm, backend in made:
+        rm.stop()
+        backend.close()
+
+
+@pytest.fixture
+def rm(make_rm: RMFactory) -> ResourceManager:
+    return make_rm()
+
+
+@pytest.fixture
+def client(rm: ResourceManager) -> RawClient:
+    return RawClient(rm, rm.open_space())
+
+
+def assert_tpm_empty(rm: ResourceManager) -> None:
+    """Nothing of any space is left in the TPM (census at the TPM, not through a space)."""
+    census = rm.tpm_census()
+    assert census == {"transient": [], "loaded_sessions": [], "saved_sessions": []}, census

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import struct
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 from hypothesis import assume, given
@@ -30,6 +28,7 @@ from cusetpm.tpm.errors import (
 from cusetpm.tpm.marshal import Reader, tpm2b, u8, u32
 from cusetpm.tpm.response import AuthResponse, Response, parse_response
 from cusetpm.tpm.structures import TPMS_CAPABILITY_DATA, TPMS_CONTEXT
+from tests.tpm.helpers import check_command, check_response, parse_or_none, with_size, with_tag
 from tests.tpm.strategies import (
     PROPERTY,
     TPMA_CC_DEFINED_BITS,
@@ -41,41 +40,6 @@ from tests.tpm.strategies import (
 )
 
 TAGS = (TPM_ST.NO_SESSIONS, TPM_ST.SESSIONS)
-
-
-def with_size(buf: bytes, size: int | None = None) -> bytes:
-    """buf with its header's size field set (to its own length unless told)."""
-    if len(buf) < 6:
-        return buf
-    return buf[:2] + struct.pack(">I", len(buf) if size is None else size) + buf[6:]
-
-
-def with_tag(buf: bytes, tag: int) -> bytes:
-    return struct.pack(">H", tag) + buf[2:]
-
-
-def parse_or_none(parse: Callable[[], Any]) -> Any:
-    """The parser's result, or None if it raised TPMParseError (any other exception fails)."""
-    try:
-        return parse()
-    except TPMParseError:
-        return None
-
-
-def check_command(buf: bytes, handle_count: int) -> Command | None:
-    cmd = parse_or_none(lambda: parse_command(buf, handle_count))
-    if cmd is not None:
-        assert len(cmd.handles) == handle_count
-        assert cmd.to_bytes() == buf
-    return cmd
-
-
-def check_response(buf: bytes, has_handle: bool) -> Response | None:
-    resp = parse_or_none(lambda: parse_response(buf, has_handle))
-    if resp is not None:
-        assert resp.to_bytes() == buf
-        assert (resp.handle is not None) == (has_handle and resp.responseCode == 0)
-    return resp
 
 
 # --- truncation -------------------------------------------------------------------------

@@ -133,21 +133,39 @@ class ResourceManager:
     def submit(self, space: Space, command: bytes) -> Future[bytes]:
         """Queue one command; the future gives the response, or raises RMError."""
         with self._cv:
-            if space.closed:
-                raise RMError(errno.EBADF, f"space {space.id} is closed")
-            if space in self._busy:
-                raise RMError(errno.EBUSY, f"space {space.id} already has a command in flight")
-            if self._stopping:
-                raise RMError(errno.ESHUTDOWN, "the resource manager is stopping")
-            self._busy.add(space)
-            job = Job(space, lambda: self._command(space, command), is_command=True)
+            job = self._command_job(space, command)
             self._enqueue(job)
         return job.future
 
     def transmit(self, space: Space, command: bytes) -> bytes:
-        """Blocking submit: the response, or RMError."""
-        result: bytes = self.submit(space, command).result()
+        """Blocking submit: the response, or RMError.
+
+        When nothing is queued or running, the caller's thread runs the command itself: FIFO
+        order holds (nobody is ahead of it) and the hand-off to the worker, which would cost
+        more than the RM's own work, is saved.
+        """
+        with self._cv:
+            job = self._command_job(space, command)
+            inline = not self._queue and self._current is None
+            if inline:
+                self._current = job
+            else:
+                self._enqueue(job)
+        if inline:
+            self._run_job(job)
+        result: bytes = job.future.result()
         return result
+
+    def _command_job(self, space: Space, command: bytes) -> Job:
+        """A job for one command, the space marked busy. Call with the lock held."""
+        if space.closed:
+            raise RMError(errno.EBADF, f"space {space.id} is closed")
+        if space in self._busy:
+            raise RMError(errno.EBUSY, f"space {space.id} already has a command in flight")
+        if self._stopping:
+            raise RMError(errno.ESHUTDOWN, "the resource manager is stopping")
+        self._busy.add(space)
+        return Job(space, lambda: self._command(space, command), is_command=True)
 
     def cancel(self, space: Space) -> None:
         """Drop the space's queued command, or ask the TPM to cancel the running one."""
@@ -200,23 +218,32 @@ class ResourceManager:
     def _work(self) -> None:
         while True:
             with self._cv:
-                while not self._queue and not self._stopping:
+                # A job run inline by transmit() also holds _current: wait for it.
+                while (not self._queue or self._current is not None) and not (
+                    self._stopping and self._current is None
+                ):
                     self._cv.wait()
                 if not self._queue:
                     return
                 job = self._current = self._queue.popleft()
-            try:
-                job.future.set_result(job.run())
-            except RMError as exc:
-                job.future.set_exception(exc)
-            except Exception as exc:
-                log.exception("space %d: internal error", job.space.id)
-                job.future.set_exception(RMError(errno.EIO, f"internal error: {exc!r}"))
-            finally:
-                with self._cv:
-                    self._current = None
-                    if job.is_command:
-                        self._busy.discard(job.space)
+            self._run_job(job)
+
+    def _run_job(self, job: Job) -> None:
+        """Runs a job that holds _current, on whichever thread it was given to."""
+        try:
+            job.future.set_result(job.run())
+        except RMError as exc:
+            job.future.set_exception(exc)
+        except Exception as exc:
+            log.exception("space %d: internal error", job.space.id)
+            job.future.set_exception(RMError(errno.EIO, f"internal error: {exc!r}"))
+        finally:
+            with self._cv:
+                self._current = None
+                if job.is_command:
+                    self._busy.discard(job.space)
+                if self._queue or self._stopping:  # waking an idle worker costs GIL hand-offs
+                    self._cv.notify_all()
 
     def _command(self, space: Space, command: bytes) -> bytes:
         assert self._executor is not None, "start() was not called"

@@ -28,7 +28,7 @@ class DeviceBackend(Backend):
         self.name = f"device:{self.path}"
         self._fd = -1
         try:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY)
         except OSError as e:
             raise BackendError(f"{self.name}: cannot open: {e}") from e
 

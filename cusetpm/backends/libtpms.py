@@ -327,6 +327,10 @@ class LibtpmsBackend(Backend):
             self._closed = True
             try:
                 self._shutdown_locked()
+                # The orderly state just saved supersedes any volatile snapshot;
+                # resuming that snapshot next time would roll the TPM back.
+                if _nv is not None:
+                    _nv.delete("volatilestate")
             finally:
                 self._tpms.TPMLIB_Terminate()
                 self._respview.release()

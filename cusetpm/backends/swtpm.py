@@ -347,7 +347,7 @@ class SwtpmProcess:
         self._tmpdir = tempfile.mkdtemp(prefix="cusetpm-swtpm-")
         self._log = Path(self._tmpdir) / "swtpm.log"
         if self.transport == "unix":
-            self.socket_path = Path(self._tmpdir) / "swtpm.sock"
+            self.socket_path = self.socket_path or Path(self._tmpdir) / "swtpm.sock"
             server = f"type=unixio,path={self.socket_path}"
             ctrl = f"type=unixio,path={self.socket_path}.ctrl"
         else:
@@ -412,6 +412,8 @@ class SwtpmProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
         if self._tmpdir is not None:
+            if self.socket_path is not None and self.socket_path.parent == Path(self._tmpdir):
+                self.socket_path = None  # ours, and gone with the directory
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
 

@@ -1,0 +1,397 @@
+"""File semantics of a TPM resource-manager node, as the kernel's tpm-dev-common.c has them.
+
+Both node kinds (CUSE device, FUSE-mounted file) share this class; the native layer
+(`native.py`) only moves requests in and replies out.  Requests are opaque objects
+(libfuse `fuse_req_t` pointers): a handler either answers at once by returning the
+reply, or returns None and answers later through `Replies`, exactly once.
+
+Threads: handlers run on the session loop thread; completions run on the RM's worker
+thread.  Each open file has a lock guarding its state; replies and poll wake-ups are
+sent after the lock is dropped, because a reply can meet libfuse's request lock, which
+libfuse holds while it calls our interrupt hook (and that hook takes the file lock).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import logging
+import select
+import struct
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from cusetpm.rm import ResourceManager, RMError, Space
+
+log = logging.getLogger(__name__)
+
+TPM_BUFSIZE = 4096  # the kernel's data_buffer: larger writes are E2BIG
+HEADER_SIZE = 10  # tag u16, size u32, code u32
+BUSY_WINDOW = 0.5  # seconds to wait out the RM marking a finished space idle (see _submit)
+READABLE = select.POLLIN | select.POLLRDNORM
+WRITABLE = select.POLLOUT | select.POLLWRNORM
+
+Request = Any  # an opaque libfuse request
+PollHandle = Any  # an opaque libfuse poll handle
+
+
+class Replies(Protocol):
+    """How answers leave: implemented over libfuse by the native layer."""
+
+    def err(self, req: Request, err: int) -> None: ...
+
+    def write(self, req: Request, count: int) -> None: ...
+
+    def buf(self, req: Request, data: bytes) -> None: ...
+
+    def poll_notify(self, ph: PollHandle) -> None: ...
+
+    def poll_destroy(self, ph: PollHandle) -> None: ...
+
+
+@dataclass(eq=False)
+class OpenFile:
+    """One open file description: the kernel's struct file_priv plus the space."""
+
+    fh: int
+    space: Space
+    pid: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    response: bytes | None = None  # unread response (from `offset` on)
+    offset: int = 0  # CUSE reads always say offset 0: the file keeps its own
+    read_started: bool = False  # any part read: a new write may replace the rest
+    error: int | None = None  # errno of an O_NONBLOCK command, read() reports it once
+    in_flight: bool = False  # a command is queued or running in the RM
+    write_req: Request = None  # a blocking write waiting for the TPM
+    write_size: int = 0  # what that write will report
+    waiting_reads: list[tuple[Request, int]] = field(default_factory=list)
+    poll_handle: PollHandle = None
+    released: bool = False
+
+    def ready(self) -> bool:
+        return self.response is not None or self.error is not None
+
+
+@dataclass
+class _Outbox:
+    """Replies decided under a file's lock, sent after it is released."""
+
+    calls: list[Callable[[], None]] = field(default_factory=list)
+
+    def add(self, call: Callable[[], None]) -> None:
+        self.calls.append(call)
+
+    def send(self) -> None:
+        for call in self.calls:
+            try:
+                call()
+            except Exception:
+                log.exception("sending a reply failed")
+
+
+class TpmFileOps:
+    """open/read/write/poll/release/interrupt over a ResourceManager."""
+
+    def __init__(self, rm: ResourceManager, replies: Replies):
+        self.rm = rm
+        self.replies = replies
+        self._files: dict[int, OpenFile] = {}
+        self._waiting: dict[Request, OpenFile] = {}  # deferred requests, for interrupts
+        self._lock = threading.Lock()  # guards the two dicts
+        self._fh = itertools.count(1)
+
+    # -- open / release -------------------------------------------------------------------
+
+    def open(self, flags: int, uid: int, gid: int, pid: int) -> int:
+        """A new space per open file; returns the file handle or -errno."""
+        try:
+            space = self.rm.open_space(uid)
+        except RMError as e:
+            log.warning("open by pid %d uid %d refused: %s", pid, uid, e)
+            return -(e.errno or errno.EIO)
+        f = OpenFile(fh=next(self._fh), space=space, pid=pid)
+        with self._lock:
+            self._files[f.fh] = f
+        log.debug("fh %d: opened by pid %d uid %d, space %d", f.fh, pid, uid, space.id)
+        return f.fh
+
+    def release(self, req: Request | None, fh: int) -> None:
+        """Close the space (flushing it) and answer once it is gone."""
+        with self._lock:
+            f = self._files.pop(fh, None)
+        if f is None:
+            if req is not None:
+                self.replies.err(req, 0)
+            return
+        out = _Outbox()
+        with f.lock:
+            f.released = True
+            self._drop_poll_handle(f, out)
+            for read_req, _size in self._take_reads(f):
+                out.add(functools.partial(self.replies.err, read_req, errno.EBADF))
+        out.send()
+        log.debug("fh %d: released, closing space %d", fh, f.space.id)
+        closed = self.rm.close_space(f.space, wait=False)
+        closed.add_done_callback(functools.partial(self._released, f, req))
+
+    def _released(self, f: OpenFile, req: Request | None, fut: Future[None]) -> None:
+        exc = fut.exception()
+        if exc is not None:
+            log.error("fh %d: closing space %d failed: %s", f.fh, f.space.id, exc)
+        if req is not None:
+            self.replies.err(req, 0)
+
+    # -- write ----------------------------------------------------------------------------
+
+    def write(self, req: Request, fh: int, data: bytes, size: int, nonblock: bool) -> int | None:
+        """Returns the count or -errno to answer now, None when answered later.
+
+        `data` holds the first min(size, TPM_BUFSIZE) bytes of the write.
+        """
+        f = self._file(fh)
+        if f is None:
+            return -errno.EBADF
+        if size > TPM_BUFSIZE:
+            return -errno.E2BIG
+        out = _Outbox()
+        with f.lock:
+            if f.in_flight or f.error is not None or (
+                f.response is not None and not f.read_started
+            ):
+                return -errno.EBUSY
+            length = struct.unpack_from(">I", data, 2)[0] if size >= HEADER_SIZE else 0
+            if size < HEADER_SIZE or length < HEADER_SIZE or size < length:
+                return -errno.EINVAL
+            was_ready = f.ready()
+            f.response, f.offset, f.read_started, f.error = None, 0, False, None
+            if was_ready:  # the unread rest is dropped: pollers now see POLLOUT
+                self._drop_poll_handle(f, out, notify=True)
+            f.in_flight = True
+            f.write_req = None if nonblock else req
+            f.write_size = size
+        out.send()
+        if not nonblock:
+            with self._lock:
+                self._waiting[req] = f
+        try:
+            fut = self._submit(f.space, data[:length])
+        except Exception as e:
+            return self._submit_failed(f, req, e)
+        fut.add_done_callback(functools.partial(self._completed, f))
+        return size if nonblock else None
+
+    def _submit(self, space: Space, command: bytes) -> Future[bytes]:
+        """rm.submit, riding out the RM's short window after our previous command.
+
+        The RM completes a command's future (which runs _completed and lets the client
+        write again) before it marks the space idle, so a quick client can meet a
+        transient EBUSY from the RM although this file has nothing in flight (we check
+        that ourselves, under the file lock).  The window is a few lines of the RM's
+        worker: yield the GIL until it closes.
+        """
+        deadline = time.monotonic() + BUSY_WINDOW
+        while True:
+            try:
+                return self.rm.submit(space, command)
+            except RMError as e:
+                if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise
+            time.sleep(0)
+
+    def _submit_failed(self, f: OpenFile, req: Request, exc: Exception) -> int:
+        err = exc.errno if isinstance(exc, RMError) and exc.errno else errno.EIO
+        log.log(
+            logging.WARNING if isinstance(exc, RMError) else logging.ERROR,
+            "fh %d space %d: submit failed (errno %d): %s", f.fh, f.space.id, err, exc,
+        )
+        with f.lock:
+            f.in_flight, f.write_req = False, None
+        with self._lock:
+            self._waiting.pop(req, None)
+        return -err
+
+    def _completed(self, f: OpenFile, fut: Future[bytes]) -> None:
+        """RM worker thread: the command finished (response or errno)."""
+        response, err = _outcome(f, fut)
+        out = _Outbox()
+        with f.lock:
+            f.in_flight = False
+            req, f.write_req = f.write_req, None
+            if req is not None:  # blocking write: its reply carries the outcome
+                if response is not None:
+                    f.response = response
+                    count = f.write_size
+                    out.add(lambda: self.replies.write(req, count))
+                else:
+                    out.add(lambda: self.replies.err(req, err or errno.EIO))
+            elif response is not None:
+                f.response = response
+            else:
+                f.error = err
+            for read_req, size in self._take_reads(f):
+                self._answer_read(f, read_req, size, out)
+            if f.ready() or f.poll_handle is not None:
+                self._drop_poll_handle(f, out, notify=True)
+        if req is not None:
+            with self._lock:
+                self._waiting.pop(req, None)
+        out.send()
+
+    # -- read -----------------------------------------------------------------------------
+
+    def read(self, req: Request, fh: int, size: int, nonblock: bool) -> bytes | int | None:
+        """Returns bytes or -errno to answer now, None when answered later."""
+        f = self._file(fh)
+        if f is None:
+            return -errno.EBADF
+        out = _Outbox()
+        with f.lock:
+            if not f.ready() and f.in_flight:
+                # The kernel's reader would sleep on the buffer mutex while the TPM works
+                # on this file's command, then get the response: so do we.
+                f.waiting_reads.append((req, size))
+                with self._lock:
+                    self._waiting[req] = f
+                return None
+            was_ready = f.ready()
+            result = self._take(f, size)
+            if was_ready and not f.ready():  # pollers waiting for POLLOUT may go on
+                self._drop_poll_handle(f, out, notify=True)
+        out.send()
+        return result
+
+    def _take(self, f: OpenFile, size: int) -> bytes | int:
+        """Consume up to size bytes of what is pending (under f.lock)."""
+        if f.error is not None:
+            err, f.error = f.error, None
+            return -err
+        if f.response is None:
+            return b""  # nothing pending: 0 at once, even when blocking (never EAGAIN)
+        f.read_started = True
+        chunk = f.response[f.offset : f.offset + size]
+        f.offset += len(chunk)
+        if size == 0 or f.offset >= len(f.response):
+            f.response, f.offset = None, 0  # read(fd, buf, 0) discards, as the kernel
+        return chunk
+
+    def _answer_read(self, f: OpenFile, req: Request, size: int, out: _Outbox) -> None:
+        result = self._take(f, size)
+        with self._lock:
+            self._waiting.pop(req, None)
+        if isinstance(result, bytes):
+            out.add(lambda: self.replies.buf(req, result))
+        else:
+            out.add(lambda: self.replies.err(req, -result))
+
+    @staticmethod
+    def _take_reads(f: OpenFile) -> list[tuple[Request, int]]:
+        reads, f.waiting_reads = f.waiting_reads, []
+        return reads
+
+    # -- poll -----------------------------------------------------------------------------
+
+    def poll(self, fh: int, ph: PollHandle | None) -> int:
+        """Readiness now; keep ph to wake the poller when the command completes."""
+        f = self._file(fh)
+        if f is None:
+            if ph is not None:
+                self.replies.poll_destroy(ph)
+            return select.POLLERR
+        old = None
+        with f.lock:
+            if ph is not None:
+                # One handle per file is enough: the kernel wakes every poller of the file.
+                old, f.poll_handle = f.poll_handle, ph
+            revents = READABLE if f.ready() else WRITABLE
+        if old is not None:
+            self.replies.poll_destroy(old)
+        return revents
+
+    def _drop_poll_handle(self, f: OpenFile, out: _Outbox, notify: bool = False) -> None:
+        ph, f.poll_handle = f.poll_handle, None
+        if ph is None:
+            return
+        if notify:
+            out.add(lambda: self.replies.poll_notify(ph))
+        else:
+            out.add(lambda: self.replies.poll_destroy(ph))
+
+    # -- interrupt ------------------------------------------------------------------------
+
+    def interrupt(self, req: Request) -> None:
+        """The client was signalled while waiting: cancel its command, or end its read.
+
+        Called by libfuse with its request lock held; never register an interrupt here.
+        """
+        with self._lock:
+            f = self._waiting.get(req)
+        if f is None:
+            return  # already answered, or never deferred
+        out = _Outbox()
+        cancel = False
+        with f.lock:
+            if f.write_req is not None and f.write_req == req:
+                cancel = True  # the completion answers the write (TPM_RC_CANCELED or EINTR)
+            else:
+                for entry in f.waiting_reads:
+                    if entry[0] == req:  # cdata compare by address
+                        f.waiting_reads.remove(entry)
+                        out.add(lambda: self.replies.err(req, errno.EINTR))
+                        break
+        if not cancel:
+            with self._lock:
+                self._waiting.pop(req, None)
+        out.send()
+        if cancel:
+            log.info("fh %d space %d: write interrupted, cancelling", f.fh, f.space.id)
+            self.rm.cancel(f.space)
+
+    # -- shutdown -------------------------------------------------------------------------
+
+    def abandon(self) -> None:
+        """After the loop stopped and the RM finished: answer what is left, free handles."""
+        with self._lock:
+            waiting = dict(self._waiting)
+            self._waiting.clear()
+            files = list(self._files.values())
+        for req in waiting:
+            try:
+                self.replies.err(req, errno.ENODEV)
+            except Exception:
+                log.exception("answering an abandoned request failed")
+        out = _Outbox()
+        for f in files:
+            with f.lock:
+                f.waiting_reads.clear()
+                f.write_req = None
+                self._drop_poll_handle(f, out)
+        out.send()
+
+    @property
+    def open_files(self) -> int:
+        with self._lock:
+            return len(self._files)
+
+    def _file(self, fh: int) -> OpenFile | None:
+        with self._lock:
+            return self._files.get(fh)
+
+
+def _outcome(f: OpenFile, fut: Future[bytes]) -> tuple[bytes | None, int | None]:
+    """(response, None) or (None, errno) from a finished RM future."""
+    if fut.cancelled():
+        return None, errno.EINTR
+    exc = fut.exception()
+    if exc is None:
+        return fut.result(), None
+    if isinstance(exc, RMError) and exc.errno:
+        log.info("fh %d space %d: command failed with errno %d: %s",
+                 f.fh, f.space.id, exc.errno, exc)
+        return None, exc.errno
+    log.error("fh %d space %d: command failed: %r", f.fh, f.space.id, exc)
+    return None, errno.EIO

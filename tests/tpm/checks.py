@@ -208,10 +208,10 @@ def check_context_load_command(command: bytes, ctx: TPMS_CONTEXT) -> None:
     assert command == builders.context_load(ctx)
 
 
-def check_context_load(response: bytes) -> int:
+def check_context_load(response: bytes, handle_type: int = 0x80) -> int:
     handle = builders.parse_context_load(response)
     assert ok(response, has_handle=True).parameters == b""
-    assert handle >> 24 == 0x80
+    assert handle >> 24 == handle_type
     return handle
 
 

@@ -102,4 +102,4 @@ def capability_data(draw: st.DrawFn) -> TPMS_CAPABILITY_DATA:
 
 
 # every property in tests/tpm: enough examples to find framing bugs, fast enough for CI
-PROPERTY = settings(max_examples=300, deadline=None)
+PROPERTY = settings(max_examples=200, deadline=None)

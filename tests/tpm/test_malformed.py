@@ -45,6 +45,35 @@ TAGS = (TPM_ST.NO_SESSIONS, TPM_ST.SESSIONS)
 # --- truncation -------------------------------------------------------------------------
 
 
+def command_boundaries(cmd: Command) -> list[int]:
+    """Offsets where a field of cmd ends: the cuts most likely to read as a shorter command."""
+    ends = [TPM_HEADER_SIZE]
+    ends += [ends[-1] + 4 * (i + 1) for i in range(len(cmd.handles))]
+    if cmd.tag == TPM_ST.SESSIONS:
+        ends.append(ends[-1] + 4)
+        for s in cmd.sessions:
+            ends.append(ends[-1] + len(s.to_bytes()))
+    return ends
+
+
+def response_boundaries(resp: Response) -> list[int]:
+    ends = [TPM_HEADER_SIZE]
+    if resp.handle is not None:
+        ends.append(ends[-1] + 4)
+    if resp.tag == TPM_ST.SESSIONS:
+        ends += [ends[-1] + 4, ends[-1] + 4 + len(resp.parameters)]
+        for s in resp.sessions:
+            ends.append(ends[-1] + len(s.to_bytes()))
+    return ends
+
+
+def cut_points(wire: bytes, boundaries: list[int]) -> st.SearchStrategy[int]:
+    """Where to cut wire short: anywhere after the header, often right at a field boundary."""
+    anywhere = st.integers(TPM_HEADER_SIZE, len(wire) - 1)
+    inside = [b for b in boundaries if b < len(wire)]
+    return st.one_of(st.sampled_from(inside), anywhere) if inside else anywhere
+
+
 @PROPERTY
 @given(commands(), st.data())
 def test_truncated_command_keeps_header(cmd: Command, data: st.DataObject) -> None:
@@ -61,7 +90,7 @@ def test_truncated_command_with_fixed_header(cmd: Command, data: st.DataObject) 
     """A cut that the header agrees with: only the parameters may come out shorter."""
     wire = cmd.to_bytes()
     assume(len(wire) > TPM_HEADER_SIZE)
-    cut = with_size(wire[: data.draw(st.integers(TPM_HEADER_SIZE, len(wire) - 1))])
+    cut = with_size(wire[: data.draw(cut_points(wire, command_boundaries(cmd)))])
     parsed = check_command(cut, len(cmd.handles))
     if parsed is None:
         return
@@ -94,7 +123,7 @@ def test_truncated_response_keeps_header(resp: Response, data: st.DataObject) ->
 def test_truncated_response_with_fixed_header(resp: Response, data: st.DataObject) -> None:
     wire = resp.to_bytes()
     assume(len(wire) > TPM_HEADER_SIZE)
-    cut = with_size(wire[: data.draw(st.integers(TPM_HEADER_SIZE, len(wire) - 1))])
+    cut = with_size(wire[: data.draw(cut_points(wire, response_boundaries(resp)))])
     parsed = check_response(cut, resp.handle is not None)
     if parsed is None:
         return

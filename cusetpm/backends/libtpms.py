@@ -26,6 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cusetpm.tpm.commands import shutdown, startup
+from cusetpm.tpm.constants import TPM_SU
+from cusetpm.tpm.rc import TPM_RC
+
 from .base import HEADER_SIZE, Backend, BackendError, check_response, response_code
 from .nvstore import StateDir
 
@@ -39,26 +43,12 @@ _TPM_SUCCESS = 0
 _TPM_FAIL = 0x09
 _TPM_RETRY = 0x800
 
-# TPM 2.0 codes used at open and close.
-_TPM_RC_SUCCESS = 0x000
-_TPM_RC_INITIALIZE = 0x100
-_SU_CLEAR = 0x0000
-_SU_STATE = 0x0001
-_TPM_CC_STARTUP = 0x144
-_TPM_CC_SHUTDOWN = 0x145
-
 # Largest command we copy into our own buffer; libtpms' TPM_BUFFER_MAX is 4096, the
 # rest is headroom so an oversized command reaches the TPM and gets its error code.
 _CMD_BUFFER_SIZE = 64 * 1024
 
 _LOCK = threading.Lock()
 _SIZE = struct.Struct(">I")
-
-
-def _su_command(command_code: int, su: int) -> bytes:
-    # Startup and Shutdown have the same 12-byte shape: header + TPM_SU.
-    return (0x8001).to_bytes(2, "big") + (12).to_bytes(4, "big") + \
-        command_code.to_bytes(4, "big") + su.to_bytes(2, "big")
 
 
 _NV_LOAD = ctypes.CFUNCTYPE(
@@ -309,14 +299,14 @@ class LibtpmsBackend(Backend):
             raise BackendError(f"{self.name}: {what} failed with 0x{rc:x}")
 
     def _startup(self) -> None:
-        rc = response_code(self.transmit(_su_command(_TPM_CC_STARTUP, _SU_STATE)))
-        if rc in (_TPM_RC_SUCCESS, _TPM_RC_INITIALIZE):
+        rc = response_code(self.transmit(startup(TPM_SU.STATE)))
+        if rc in (TPM_RC.SUCCESS, TPM_RC.INITIALIZE):
             log.debug("%s: Startup(SU_STATE) rc 0x%x", self.name, rc)
             return
         # No orderly shutdown saved (fresh TPM, crash, or a swtpm that was killed).
         log.debug("%s: Startup(SU_STATE) rc 0x%x, falling back to SU_CLEAR", self.name, rc)
-        rc = response_code(self.transmit(_su_command(_TPM_CC_STARTUP, _SU_CLEAR)))
-        if rc not in (_TPM_RC_SUCCESS, _TPM_RC_INITIALIZE):
+        rc = response_code(self.transmit(startup(TPM_SU.CLEAR)))
+        if rc not in (TPM_RC.SUCCESS, TPM_RC.INITIALIZE):
             raise BackendError(f"{self.name}: Startup(SU_CLEAR) failed with rc 0x{rc:x}")
 
     def close(self) -> None:
@@ -348,9 +338,9 @@ class LibtpmsBackend(Backend):
         # Shutdown(SU_STATE) makes libtpms write the orderly state to permall.
         # A TPM that was never started answers TPM_RC_INITIALIZE: nothing to save.
         try:
-            response = self._process_locked(_su_command(_TPM_CC_SHUTDOWN, _SU_STATE))
+            response = self._process_locked(shutdown(TPM_SU.STATE))
             rc = response_code(response)
-            if rc not in (_TPM_RC_SUCCESS, _TPM_RC_INITIALIZE):
+            if rc not in (TPM_RC.SUCCESS, TPM_RC.INITIALIZE):
                 log.warning("%s: Shutdown(SU_STATE) rc 0x%x", self.name, rc)
         except BackendError as e:
             log.warning("%s: Shutdown(SU_STATE) failed: %s", self.name, e)

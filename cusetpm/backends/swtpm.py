@@ -27,6 +27,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cusetpm.tpm.commands import startup
+from cusetpm.tpm.constants import TPM_SU
+from cusetpm.tpm.rc import TPM_RC
+
 from .base import HEADER_SIZE, Backend, BackendError, check_response, header_size, response_code
 
 log = logging.getLogger(__name__)
@@ -49,9 +53,7 @@ PTM_CAP_STORE_VOLATILE = 1 << 6
 
 PTM_INIT_FLAG_DELETE_VOLATILE = 1 << 0
 
-_TPM_RC_SUCCESS = 0x000
-_TPM_RC_INITIALIZE = 0x100
-_STARTUP_CLEAR = bytes.fromhex("80010000000c000001440000")
+_STARTUP_CLEAR = startup(TPM_SU.CLEAR)
 
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
@@ -221,7 +223,7 @@ class SwtpmBackend(Backend):
 
     def _startup(self) -> None:
         rc = response_code(self.transmit(_STARTUP_CLEAR))
-        if rc not in (_TPM_RC_SUCCESS, _TPM_RC_INITIALIZE):
+        if rc not in (TPM_RC.SUCCESS, TPM_RC.INITIALIZE):
             raise BackendError(f"{self.name}: Startup(SU_CLEAR) failed with rc 0x{rc:x}")
 
     # --- control channel -----------------------------------------------------

@@ -1,25 +1,20 @@
-"""Just enough TPM 2.0 marshalling to drive a real TPM in the backend tests.
+"""The TPM commands the backend tests send.
 
-Deliberately tiny and independent of cusetpm.tpm, so the backend tests do not
-depend on the wire layer they will later serve.
+The ones the resource manager builds itself come from cusetpm.tpm.commands;
+the rest (CreatePrimary, EvictControl) and the few response fields the tests
+read are marshalled here with struct.
 """
 
 from __future__ import annotations
 
 import struct
 
-TPM_ST_NO_SESSIONS = 0x8001
+from cusetpm.tpm import commands
+
 TPM_ST_SESSIONS = 0x8002
 
 TPM_CC_EVICT_CONTROL = 0x120
 TPM_CC_CREATE_PRIMARY = 0x131
-TPM_CC_STARTUP = 0x144
-TPM_CC_SHUTDOWN = 0x145
-TPM_CC_CONTEXT_LOAD = 0x161
-TPM_CC_CONTEXT_SAVE = 0x162
-TPM_CC_FLUSH_CONTEXT = 0x165
-TPM_CC_GET_CAPABILITY = 0x17A
-TPM_CC_GET_RANDOM = 0x17B
 
 TPM_RC_SUCCESS = 0x000
 TPM_RC_INITIALIZE = 0x100
@@ -63,15 +58,15 @@ def _tpm2b(data: bytes) -> bytes:
 
 
 def startup(su: int = TPM_SU_CLEAR) -> bytes:
-    return command(TPM_ST_NO_SESSIONS, TPM_CC_STARTUP, struct.pack(">H", su))
+    return commands.startup(su)
 
 
 def shutdown(su: int = TPM_SU_CLEAR) -> bytes:
-    return command(TPM_ST_NO_SESSIONS, TPM_CC_SHUTDOWN, struct.pack(">H", su))
+    return commands.shutdown(su)
 
 
 def get_random(n: int) -> bytes:
-    return command(TPM_ST_NO_SESSIONS, TPM_CC_GET_RANDOM, struct.pack(">H", n))
+    return commands.get_random(n)
 
 
 def _storage_template(alg: str, unique: bytes) -> bytes:
@@ -102,7 +97,7 @@ def response_handle(response: bytes) -> int:
 
 
 def context_save(handle: int) -> bytes:
-    return command(TPM_ST_NO_SESSIONS, TPM_CC_CONTEXT_SAVE, struct.pack(">I", handle))
+    return commands.context_save(handle)
 
 
 def context_blob(response: bytes) -> bytes:
@@ -111,11 +106,11 @@ def context_blob(response: bytes) -> bytes:
 
 
 def context_load(context: bytes) -> bytes:
-    return command(TPM_ST_NO_SESSIONS, TPM_CC_CONTEXT_LOAD, context)
+    return commands.context_load_raw(context)
 
 
 def flush_context(handle: int) -> bytes:
-    return command(TPM_ST_NO_SESSIONS, TPM_CC_FLUSH_CONTEXT, struct.pack(">I", handle))
+    return commands.flush_context(handle)
 
 
 def evict_control(object_handle: int, persistent: int) -> bytes:
@@ -125,8 +120,7 @@ def evict_control(object_handle: int, persistent: int) -> bytes:
 
 
 def get_capability_handles(first: int, count: int = 64) -> bytes:
-    return command(TPM_ST_NO_SESSIONS, TPM_CC_GET_CAPABILITY,
-                   struct.pack(">III", TPM_CAP_HANDLES, first, count))
+    return commands.get_capability(TPM_CAP_HANDLES, first, count)
 
 
 def handles(response: bytes) -> list[int]:

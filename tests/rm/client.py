@@ -151,3 +151,87 @@ class RMTCTI(PyTCTI):
 
 def esapi(rm: ResourceManager, space: Space) -> ESAPI:
     return ESAPI(RMTCTI(rm, space))
+
+
+# -- helpers for the RM behaviour tests (test_kernel_space, test_isolation, test_objects, ...) --
+
+ALG_SHA1 = 0x0004
+ALG_SHA384 = 0x000C
+
+
+def with_unique(template: bytes, unique: bytes) -> bytes:
+    """One of the ECC templates above (empty unique) with unique.x set: a distinct primary."""
+    body = template[2:-4] + struct.pack(">H", len(unique)) + unique + b"\0\0"
+    return struct.pack(">H", len(body)) + body
+
+
+def rc_of(response: bytes) -> int:
+    return int.from_bytes(response[6:10], "big")
+
+
+def raw_command(
+    cc: int, handles: list[int], params: bytes = b"", sessions: list[AuthCommand] | None = None
+) -> bytes:
+    tag = TPM_ST.SESSIONS if sessions else TPM_ST.NO_SESSIONS
+    return Command(tag, cc, handles, sessions or [], params).to_bytes()
+
+
+def tpm2b_of(data: bytes) -> bytes:
+    return struct.pack(">H", len(data)) + data
+
+
+def split_tpm2b(buf: bytes, offset: int = 0) -> tuple[bytes, int]:
+    """(content, offset after it) of the TPM2B at offset."""
+    (size,) = struct.unpack_from(">H", buf, offset)
+    return buf[offset + 2 : offset + 2 + size], offset + 2 + size
+
+
+def name_of(client: RawClient, handle: int) -> bytes:
+    """The object's Name as ReadPublic reports it."""
+    params = client.read_public(handle)
+    _, offset = split_tpm2b(params)  # outPublic
+    name, _ = split_tpm2b(params, offset)
+    return name
+
+
+def create_child(client: RawClient, parent: int, template: bytes) -> tuple[bytes, bytes]:
+    """TPM2_Create under parent: (TPM2B_PRIVATE, TPM2B_PUBLIC) as wire bytes."""
+    params = EMPTY_SENSITIVE + template + NO_OUTSIDE_INFO_NO_PCRS
+    out = client.call(
+        raw_command(TPM_CC.Create, [parent], params, pw_session()), what="Create"
+    ).parameters
+    _, offset = split_tpm2b(out)
+    private = out[:offset]
+    _, end = split_tpm2b(out, offset)
+    return private, out[offset:end]
+
+
+def load_child(client: RawClient, parent: int, private: bytes, public: bytes) -> int:
+    cmd = raw_command(TPM_CC.Load, [parent], private + public, pw_session())
+    handle = client.call(cmd, True, "Load").handle
+    assert handle is not None
+    return handle
+
+
+def hash_sequence_start(client: RawClient, alg: int = ALG_SHA256) -> int:
+    cmd = raw_command(TPM_CC.HashSequenceStart, [], tpm2b_of(b"") + struct.pack(">H", alg))
+    handle = client.call(cmd, True, "HashSequenceStart").handle
+    assert handle is not None
+    return handle
+
+
+def sequence_update(client: RawClient, seq: int, data: bytes) -> None:
+    cmd = raw_command(TPM_CC.SequenceUpdate, [seq], tpm2b_of(data), pw_session())
+    client.call(cmd, what="SequenceUpdate")
+
+
+def sequence_complete(client: RawClient, seq: int, data: bytes = b"") -> bytes:
+    params = tpm2b_of(data) + struct.pack(">I", TPM_RH.NULL)
+    cmd = raw_command(TPM_CC.SequenceComplete, [seq], params, pw_session())
+    digest, _ = split_tpm2b(client.call(cmd, what="SequenceComplete").parameters)
+    return digest
+
+
+def policy_restart(client: RawClient, session: int) -> bytes:
+    """TPM2_PolicyRestart: the raw response."""
+    return client.send(raw_command(TPM_CC.PolicyRestart, [session]))

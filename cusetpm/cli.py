@@ -7,23 +7,34 @@ import logging
 import sys
 
 from cusetpm import __version__
+from cusetpm.serve import add_arguments as add_serve_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cusetpm",
-        description="TPM 2.0 resource manager served as a character device (a drop-in /dev/tpmrm0).",
+        description="TPM 2.0 resource manager served as a character device "
+        "(a drop-in /dev/tpmrm0).",
     )
     parser.add_argument("--version", action="version", version=f"cusetpm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    serve = sub.add_parser("serve", help="serve the device node")
+    serve = sub.add_parser(
+        "serve",
+        help="serve the device node",
+        description="Serve a TPM resource manager node: a CUSE device (/dev/tpmrm0 by default) "
+        "or, with --fuse-mount DIR, the file DIR/tpmrm0. Prints one 'serving' line when the "
+        "node accepts commands; SIGTERM/SIGINT flush every space, save the TPM and remove "
+        "the node.",
+    )
     serve.add_argument(
         "--backend",
         default="libtpms",
-        help="libtpms | swtpm:tcp:HOST:PORT | swtpm:unix:PATH | device:/dev/tpmN (default: libtpms)",
+        help="libtpms | swtpm:tcp:HOST:PORT | swtpm:unix:PATH | device:/dev/tpmN "
+        "(default: libtpms)",
     )
     serve.add_argument("--state-dir", default="/var/lib/cusetpm", help="libtpms state directory")
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    add_serve_arguments(serve)
     return parser
 
 

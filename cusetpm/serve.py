@@ -1,0 +1,362 @@
+"""`cusetpm serve`: the daemon that serves the resource manager as a device node.
+
+Order of things, and why:
+1. decide the node (CUSE /dev/NAME, or DIR/tpmrm0 on a FUSE mount) and refuse early
+   when the name is taken, before anything touches the TPM;
+2. open the backend and start the RM (it reads the TPM's limits);
+3. create the node (opens /dev/cuse or mounts: needs root) and wait until the kernel
+   has initialised it;
+4. drop to --user, then say "serving ..." on stdout and READY=1 to systemd;
+5. on SIGTERM/SIGINT: stop taking requests, let the RM finish the command in flight
+   and flush every space, close the backend (libtpms saves its state), remove the node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import grp
+import logging
+import os
+import pwd
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from cusetpm.frontends.spec import NodeSpec
+
+# The RM, the backends and the native shim load only when serving: `cusetpm --help`
+# (which builds this module's arguments) stays light.
+if TYPE_CHECKING:
+    from cusetpm.backends import Backend
+    from cusetpm.frontends.files import TpmFileOps
+    from cusetpm.frontends.native import NodeSession
+    from cusetpm.rm import ResourceManager, RMConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NAME = "tpmrm0"
+DEFAULT_FUSE_MOUNT = "/run/cusetpm"
+
+
+class ServeError(Exception):
+    """A reason not to start, worded for the operator."""
+
+
+@dataclass
+class Plan:
+    spec: NodeSpec
+    made_mountpoint: bool = False  # we created the FUSE mount directory: remove it after
+    chmod_cuse: bool = False  # --mode/--user/--group given: apply them to the CUSE node
+    run_as: tuple[int, int] | None = None  # (uid, gid) to drop to
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The serve options beyond --backend/--state-dir/--log-level (cli.py has those)."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--name",
+        help="serve the CUSE device /dev/NAME. Default: /dev/tpmrm0 when the kernel has CUSE "
+        "(/dev/cuse, or `modprobe cuse` works), else a FUSE mount at "
+        f"{DEFAULT_FUSE_MOUNT} (as --fuse-mount {DEFAULT_FUSE_MOUNT}). An explicit --name "
+        "never falls back.",
+    )
+    where.add_argument(
+        "--fuse-mount",
+        metavar="DIR",
+        help="serve DIR/tpmrm0 on a FUSE mount instead of a CUSE device (DIR is created if "
+        "missing and unmounted on exit); clients use -T device:DIR/tpmrm0",
+    )
+    parser.add_argument(
+        "--mode",
+        help="node permissions, octal (default 0600). The udev rule gives CUSE nodes 0660 "
+        "group tss; --mode/--user/--group override it",
+    )
+    parser.add_argument(
+        "--user",
+        help="after opening the node and the backend, run as USER; the node is owned by USER",
+    )
+    parser.add_argument("--group", help="the node's group (default: root, or USER's group)")
+    parser.add_argument("--max-objects", type=int, help="transient objects per space")
+    parser.add_argument("--max-sessions", type=int, help="sessions per space")
+    parser.add_argument("--max-spaces", type=int, help="open descriptors (spaces) in total")
+    parser.add_argument(
+        "--fuse-debug", action="store_true", help="let libfuse print every request (stderr)"
+    )
+
+
+# -- choosing the node ------------------------------------------------------------------
+
+
+def cuse_available() -> bool:
+    """The kernel has CUSE: /dev/cuse exists, or loading the module makes it appear."""
+    if os.path.exists("/dev/cuse"):
+        return True
+    try:
+        subprocess.run(["modprobe", "cuse"], capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return os.path.exists("/dev/cuse")
+
+
+def _ids(args: argparse.Namespace) -> tuple[int, int, tuple[int, int] | None]:
+    """(node uid, node gid, run-as) from --user/--group."""
+    uid, gid, run_as = 0, 0, None
+    if args.user:
+        try:
+            pw = pwd.getpwnam(args.user)
+        except KeyError:
+            raise ServeError(f"no such user: {args.user}") from None
+        uid, gid = pw.pw_uid, pw.pw_gid
+        run_as = (pw.pw_uid, pw.pw_gid)
+    if args.group:
+        try:
+            gid = grp.getgrnam(args.group).gr_gid
+        except KeyError:
+            raise ServeError(f"no such group: {args.group}") from None
+    return uid, gid, run_as
+
+
+def _mode(text: str | None) -> int:
+    if text is None:
+        return 0o600
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise ServeError(f"--mode {text!r} is not an octal mode") from None
+    if not 0 <= mode <= 0o777:
+        raise ServeError(f"--mode {text!r}: permission bits only (0 to 0777)")
+    return mode
+
+
+def plan_node(args: argparse.Namespace) -> Plan:
+    uid, gid, run_as = _ids(args)
+    mode = _mode(args.mode)
+    fuse_mount = args.fuse_mount
+    name = args.name
+    if name is None and fuse_mount is None:
+        if cuse_available():
+            name = DEFAULT_NAME
+        else:
+            log.info("this kernel has no CUSE: serving a FUSE mount at %s", DEFAULT_FUSE_MOUNT)
+            fuse_mount = DEFAULT_FUSE_MOUNT
+    if name is not None:
+        _check_cuse_name(name)
+        spec = NodeSpec(cuse_name=name, mode=mode, uid=uid, gid=gid)
+        explicit = any(v is not None for v in (args.mode, args.user, args.group))
+        return Plan(spec, chmod_cuse=explicit, run_as=run_as)
+    made = _prepare_mountpoint(fuse_mount)
+    spec = NodeSpec(fuse_mount=os.path.abspath(fuse_mount), mode=mode, uid=uid, gid=gid)
+    return Plan(spec, made_mountpoint=made, run_as=run_as)
+
+
+def _check_cuse_name(name: str) -> None:
+    if not name or "/" in name or name in (".", ".."):
+        raise ServeError(f"--name {name!r}: a device name, like tpmrm0")
+    if os.path.exists(f"/dev/{name}"):
+        free = next(
+            (f"tpmrm{i}" for i in range(1, 64) if not os.path.exists(f"/dev/tpmrm{i}")), None
+        )
+        hint = f", e.g. --name {free}" if free else ""
+        raise ServeError(
+            f"/dev/{name} already exists (a kernel TPM, or another cusetpm serving it): "
+            f"choose another device name with --name{hint}, or use --fuse-mount DIR"
+        )
+    if not cuse_available():
+        raise ServeError(
+            "this kernel has no CUSE (/dev/cuse is missing and `modprobe cuse` failed): "
+            "serve a FUSE mount instead with --fuse-mount DIR"
+        )
+
+
+def _prepare_mountpoint(path: str) -> bool:
+    """Check DIR is free for our mount; create it if missing. True if we created it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        os.makedirs(path, mode=0o755)
+        return True
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise ServeError(
+                f"{path} is a dead FUSE mount (its daemon died): `umount -l {path}` first"
+            ) from None
+        raise ServeError(f"{path}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ServeError(f"--fuse-mount {path}: not a directory")
+    if os.path.ismount(path):
+        raise ServeError(
+            f"{path} is already a mount point (another cusetpm serving it?): "
+            "choose another --fuse-mount directory"
+        )
+    return False
+
+
+# -- running ----------------------------------------------------------------------------
+
+
+def sd_notify(state: str) -> bool:
+    """Tell systemd (Type=notify) about our state; False when not run by systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):  # abstract namespace
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+    except OSError as e:
+        log.warning("sd_notify %s failed: %s", state, e)
+        return False
+    return True
+
+
+def _rm_config(args: argparse.Namespace) -> RMConfig:
+    from cusetpm.rm import RMConfig
+
+    given = {
+        key: getattr(args, key)
+        for key in ("max_objects", "max_sessions", "max_spaces")
+        if getattr(args, key, None) is not None
+    }
+    for key, value in given.items():
+        if value < 1:
+            raise ServeError(f"--{key.replace('_', '-')} must be at least 1")
+    return RMConfig(**given)
+
+
+def _apply_cuse_mode(spec: NodeSpec) -> None:
+    """--mode/--user/--group on the CUSE node (devtmpfs made it root:root 0600)."""
+    path = spec.path
+    os.chown(path, spec.uid, spec.gid)
+    os.chmod(path, spec.mode)
+
+
+def _drop_privileges(run_as: tuple[int, int], backend: Backend) -> None:
+    uid, gid = run_as
+    state_dir = getattr(backend, "state_dir", None)
+    if state_dir is not None:
+        # libtpms writes its NVRAM and state files there for the rest of our life.
+        for root, dirs, files in os.walk(state_dir):
+            for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
+                os.chown(name, uid, gid)
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+    log.info("running as uid %d gid %d", uid, gid)
+
+
+class _StopSignals:
+    """SIGTERM/SIGINT set an event that the main thread waits on."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.received: int | None = None
+        self._previous = {
+            sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+        self.event.set()
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def serve(args: argparse.Namespace) -> int:
+    stop = _StopSignals()
+    try:
+        return _serve(args, stop)
+    except ServeError as e:
+        print(f"cusetpm: {e}", file=sys.stderr)
+        return 1
+    finally:
+        stop.restore()
+
+
+def _serve(args: argparse.Namespace, stop: _StopSignals) -> int:
+    from cusetpm.backends import BackendError, open_backend
+
+    plan = plan_node(args)
+    config = _rm_config(args)
+    try:
+        backend = open_backend(args.backend, args.state_dir)
+    except (BackendError, OSError, ValueError) as e:
+        _remove_mountpoint(plan)
+        raise ServeError(f"cannot open backend {args.backend}: {e}") from e
+    try:
+        return _serve_backend(args, plan, config, backend, stop)
+    finally:
+        backend.close()
+        _remove_mountpoint(plan)
+
+
+def _serve_backend(
+    args: argparse.Namespace, plan: Plan, config: RMConfig, backend: Backend,
+    stop: _StopSignals,
+) -> int:
+    from cusetpm.backends import BackendError
+    from cusetpm.frontends.files import TpmFileOps
+    from cusetpm.frontends.native import NativeReplies, NodeSession
+    from cusetpm.rm import ResourceManager, RMError
+
+    rm = ResourceManager(backend, config)
+    try:
+        rm.start()
+    except (BackendError, RMError, OSError) as e:
+        raise ServeError(f"the TPM behind {backend.name} did not answer: {e}") from e
+    ops = TpmFileOps(rm, NativeReplies())
+    session = NodeSession(ops, plan.spec, debug=args.fuse_debug)
+    try:
+        session.start()
+    except OSError as e:
+        rm.stop()
+        raise ServeError(f"cannot serve {plan.spec.path}: {e.strerror or e}") from e
+    try:
+        if plan.chmod_cuse:
+            _apply_cuse_mode(plan.spec)
+        if plan.run_as is not None:
+            _drop_privileges(plan.run_as, backend)
+        print(
+            f"cusetpm: serving {plan.spec.path} ({plan.spec.kind}) on {backend.name}", flush=True
+        )
+        sd_notify("READY=1")
+        while not stop.event.wait(1.0):
+            if not session.running:
+                log.error("the kernel closed %s; stopping", plan.spec.path)
+                break
+        if stop.received is not None:
+            log.info("%s: stopping", signal.Signals(stop.received).name)
+        sd_notify("STOPPING=1")
+    finally:
+        _shutdown(session, ops, rm)
+    return 0
+
+
+def _shutdown(session: NodeSession, ops: TpmFileOps, rm: ResourceManager) -> None:
+    """Stop taking requests, finish and flush in the RM, answer leftovers, remove the node."""
+    session.stop()
+    try:
+        rm.stop()  # the command in flight completes (its reply still goes out), spaces flush
+    except Exception:
+        log.exception("stopping the resource manager failed")
+    ops.abandon()
+    session.destroy()
+    log.info("%s removed", session.spec.path)
+
+
+def _remove_mountpoint(plan: Plan) -> None:
+    if plan.made_mountpoint and plan.spec.fuse_mount is not None:
+        try:
+            os.rmdir(plan.spec.fuse_mount)
+        except OSError as e:
+            log.debug("leaving %s: %s", plan.spec.fuse_mount, e)

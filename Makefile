@@ -30,13 +30,22 @@ apt-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
-vm-deps:
+# Debian packages above, plus virtme-ng (boots the guest) in the venv, pinned to 1.42:
+# the version known to work with the flags in tests/vm/harness.py.
+vm-deps: venv
 	@missing=$$(for p in $(VM_APT_PACKAGES); do \
 	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	    echo "installing Debian packages: $$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+	@$(PY) -m pip show virtme-ng 2>/dev/null | grep -qx 'Version: 1.42' \
+	    || $(PY) -m pip install -q 'virtme-ng==1.42'
+
+# The CUSE tests, in Debian's kernel under qemu: one boot (~20 s) runs tests/vm/guest.
+# VM_PYTEST_ARGS picks another guest selection, e.g. VM_PYTEST_ARGS='tests/vm/guest -k tpmrm'.
+test-vm: vm-deps
+	$(PY) -m tests.vm.harness $(VM_PYTEST_ARGS)
 
 venv: $(VENV)/.installed
 

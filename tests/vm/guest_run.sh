@@ -28,7 +28,9 @@ export PYTHONDONTWRITEBYTECODE=1
 export CUSETPM_VM_GUEST=1
 export CUSETPM_VM_RWDIR="$rwdir"
 
-echo "[guest] kernel $(uname -r), $(nproc) cpus"
+# Uptime stamps show where a slow run spends its time (boot vs. pytest).
+uptime_s() { cut -d' ' -f1 /proc/uptime; }
+echo "[guest] kernel $(uname -r), $(nproc) cpus, up $(uptime_s) s"
 if ! modprobe cuse; then
     echo "[guest] FATAL: modprobe cuse failed" >&2
     exit 90
@@ -37,7 +39,7 @@ if [ ! -c /dev/cuse ]; then
     echo "[guest] FATAL: /dev/cuse missing after modprobe cuse" >&2
     exit 91
 fi
-echo "[guest] /dev/cuse present"
+echo "[guest] /dev/cuse present, up $(uptime_s) s"
 
 cd "$project" || exit 92
 # Write the log to the shared dir (it survives a timeout), then show it on the
@@ -49,5 +51,5 @@ cd "$project" || exit 92
     "$@" >"$rwdir/pytest.log" 2>&1
 rc=$?
 cat "$rwdir/pytest.log"
-echo "[guest] pytest exit code $rc"
+echo "[guest] pytest exit code $rc, up $(uptime_s) s"
 exit $rc

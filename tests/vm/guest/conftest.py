@@ -144,33 +144,45 @@ def kernel_tpmrm(tmp_path: Path) -> Iterator[str]:
         stop_process(proc)
 
 
-def _serve_help(python: str) -> str:
+@pytest.fixture(scope="session")
+def cusetpm_serves_cuse() -> str | None:
+    """None if ``cusetpm serve`` has a CUSE frontend, else why not (asked once per boot:
+    each guest Python start costs seconds under TCG)."""
     proc = subprocess.run(
-        [python, "-m", "cusetpm", "serve", "--help"],
+        [sys.executable, "-m", "cusetpm", "serve", "--help"],
         capture_output=True,
         text=True,
         cwd=PROJECT_ROOT,
         check=False,
         timeout=CUSETPM_START_TIMEOUT,
     )
-    return proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        # The CLI itself is broken: that is a failure, not "not there yet".
+        pytest.fail(f"`cusetpm serve --help` failed ({proc.returncode}):\n{proc.stderr}")
+    if "--name" not in proc.stdout:
+        return "cusetpm serve cannot serve CUSE yet (no --name option in `cusetpm serve --help`)"
+    return None
 
 
-@pytest.fixture
-def cusetpm_cuse_node(tmp_path: Path) -> Iterator[str]:
+@pytest.fixture(scope="module")
+def cusetpm_cuse_node(
+    tmp_path_factory: pytest.TempPathFactory, cusetpm_serves_cuse: str | None
+) -> Iterator[str]:
     """cusetpm serving /dev/tpmrm-cusetpm-test over CUSE on the embedded libtpms TPM.
+
+    One daemon per test module: starting Python and libtpms costs seconds under
+    TCG.  Tests get isolation the way real clients do, from their own open file
+    descriptors (one space each).
 
     Skips only while the CUSE frontend has not landed (``cusetpm serve`` has no
     ``--name`` option).  Once it has, a daemon that exits or never shows its node
-    fails the test with the daemon's output.
+    fails with the daemon's output.
     """
+    if cusetpm_serves_cuse is not None:
+        pytest.skip(cusetpm_serves_cuse)
     python = sys.executable
-    usage = _serve_help(python)
-    if "--name" not in usage:
-        pytest.skip(
-            "cusetpm serve cannot serve CUSE yet (no --name option in `cusetpm serve --help`)"
-        )
     node = Path("/dev") / CUSE_NODE_NAME
+    tmp_path = tmp_path_factory.mktemp("cusetpm")
     state = tmp_path / "cusetpm-state"
     state.mkdir()
     # A file, not a pipe: nobody reads the daemon's log while tests run, and a
@@ -196,16 +208,19 @@ def cusetpm_cuse_node(tmp_path: Path) -> Iterator[str]:
         cwd=PROJECT_ROOT,
     )
     logfile.close()  # the child has its own copy
+    if not wait_for_path(node, CUSETPM_START_TIMEOUT, proc):
+        out = stop_process(proc, log=log)
+        pytest.fail(
+            f"cusetpm serve --name {CUSE_NODE_NAME} did not create {node} "
+            f"(exit status {proc.returncode}):\n{out}"
+        )
     try:
-        if not wait_for_path(node, CUSETPM_START_TIMEOUT, proc):
-            out = stop_process(proc, log=log)
-            pytest.fail(
-                f"cusetpm serve --name {CUSE_NODE_NAME} did not create {node} "
-                f"(exit status {proc.returncode}):\n{out}"
-            )
         yield str(node)
     finally:
+        died = proc.poll()  # before we stop it: did it die while serving?
         out = stop_process(proc, log=log)
-        # A daemon that died while serving is a failure even if the test passed.
-        if proc.returncode not in (0, -signal.SIGTERM):
-            pytest.fail(f"cusetpm serve exited with {proc.returncode}:\n{out}")
+    if died is not None or proc.returncode not in (0, -signal.SIGTERM):
+        pytest.fail(
+            f"cusetpm serve exited with {proc.returncode} (died while serving: "
+            f"{died is not None}):\n{out}"
+        )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import struct
 from types import TracebackType
+from typing import Self
 
 HEADER_SIZE = 10
 # tag (u16), size (u32), command or response code (u32), all big-endian.
@@ -63,7 +64,7 @@ class Backend(abc.ABC):
     def close(self) -> None:
         """Release the TPM. Idempotent."""
 
-    def __enter__(self) -> Backend:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

@@ -132,7 +132,11 @@ class SwtpmBackend(Backend):
         self._closed = False
         self._connect()
         if startup:
-            self._startup()
+            try:
+                self._startup()
+            except BaseException:
+                self.close()
+                raise
 
     @classmethod
     def tcp(cls, host: str, port: int, ctrl_port: int | None = None, *,

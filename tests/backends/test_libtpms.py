@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,23 @@ def test_transmit_copies_the_command(tmp_path: Path) -> None:
     with LibtpmsBackend(tmp_path) as backend:
         backend.transmit(command)
     assert command == before
+
+
+def test_concurrent_transmits_are_serialized(tmp_path: Path) -> None:
+    # The RM uses one worker, but nothing may break if two threads overlap:
+    # every TPMLIB_Process runs under the module lock.
+    failures: list[str] = []
+    with LibtpmsBackend(tmp_path) as backend:
+
+        def hammer() -> None:
+            for _ in range(2000):
+                response = backend.transmit(T.get_random(16))
+                if T.rc(response) != 0 or len(response) != 28:
+                    failures.append(response.hex())
+
+        threads = [threading.Thread(target=hammer) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert failures == []

@@ -235,3 +235,38 @@ def sequence_complete(client: RawClient, seq: int, data: bytes = b"") -> bytes:
 def policy_restart(client: RawClient, session: int) -> bytes:
     """TPM2_PolicyRestart: the raw response."""
     return client.send(raw_command(TPM_CC.PolicyRestart, [session]))
+
+
+# -- helpers for the RM robustness tests (test_stateful, test_fuzz, test_faults) -------------
+
+TPM_HT_TRANSIENT_FIRST = 0x80000000
+TPM_HT_LOADED_SESSION_FIRST = 0x02000000
+
+
+def policy_restart_command(session: int) -> bytes:
+    """TPM2_PolicyRestart(sessionHandle): a command naming a session in its handle area."""
+    return raw_command(TPM_CC.PolicyRestart, [session])
+
+
+def policy_get_digest_command(session: int) -> bytes:
+    return raw_command(TPM_CC.PolicyGetDigest, [session])
+
+
+def get_random_with_session(session: int, attributes: int = 0x01) -> bytes:
+    """GetRandom with one session in the authorization area (continueSession by default);
+    the HMAC is empty, so the TPM may refuse it: what matters is what the RM does with it."""
+    auth = [AuthCommand(session, os.urandom(16), attributes, b"")]
+    return Command(TPM_ST.SESSIONS, TPM_CC.GetRandom, [], auth, struct.pack(">H", 8)).to_bytes()
+
+
+def space_objects(client: RawClient) -> list[int]:
+    """The transient handles the space sees (GetCapability through the space itself)."""
+    more, found = client.handles(TPM_HT_TRANSIENT_FIRST)
+    assert not more
+    return found
+
+
+def space_sessions(client: RawClient) -> list[int]:
+    more, found = client.handles(TPM_HT_LOADED_SESSION_FIRST)
+    assert not more
+    return found

@@ -108,9 +108,7 @@ class FaultyBackend(Backend):
     def break_transport(
         self, code: int | None = None, nth: int = 1, times: int | None = 1, after_send: bool = False
     ) -> Fault:
-        return self.inject(
-            Fault(code, nth=nth, times=times, transport=True, after_send=after_send)
-        )
+        return self.inject(Fault(code, nth=nth, times=times, transport=True, after_send=after_send))
 
     def heal(self) -> None:
         """Disarm every fault and remove any delay."""

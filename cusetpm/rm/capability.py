@@ -8,10 +8,21 @@ ascending from `property`, at most `propertyCount`, moreData when more remain.
 from __future__ import annotations
 
 from cusetpm.rm.space import Space
-from cusetpm.tpm.commands import get_capability_parameters
-from cusetpm.tpm.constants import TPM_CAP, TPM_HR_HANDLE_MASK, TPM_HT, TPM_ST, handle_type
+from cusetpm.tpm.commands import get_capability_parameters, unmarshal_capability
+from cusetpm.tpm.constants import (
+    TPM_CAP,
+    TPM_HEADER_SIZE,
+    TPM_HR_HANDLE_MASK,
+    TPM_HT,
+    TPM_PT,
+    TPM_ST,
+    handle_type,
+)
+from cusetpm.tpm.errors import TPMParseError
 from cusetpm.tpm.response import Response
-from cusetpm.tpm.structures import TPMS_CAPABILITY_DATA
+from cusetpm.tpm.structures import TPMS_CAPABILITY_DATA, TPMS_TAGGED_PROPERTY
+
+UINT32_MAX = 0xFFFFFFFF
 
 # libtpms and the reference implementation cap one list at MAX_CAP_HANDLES = 254.
 MAX_CAP_HANDLES = 254
@@ -48,5 +59,24 @@ def answer_handles(space: Space, prop: int, count: int, client_saved: list[int])
     count = min(count, MAX_CAP_HANDLES)
     data = TPMS_CAPABILITY_DATA(capability=TPM_CAP.HANDLES, handles=candidates[:count])
     more = len(candidates) > count
+    parameters = get_capability_parameters(more, data)
+    return Response(TPM_ST.NO_SESSIONS, 0, parameters=parameters).to_bytes()
+
+
+def rewrite_properties(response: bytes) -> bytes:
+    """TPM_PT_CONTEXT_GAP_MAX reads UINT32_MAX: this RM regaps (tpm2-abrmd's convention)."""
+    try:
+        more, data = unmarshal_capability(response[TPM_HEADER_SIZE:])
+    except TPMParseError:
+        return response
+    if data.capability != TPM_CAP.TPM_PROPERTIES:
+        return response
+    changed = False
+    for i, prop in enumerate(data.properties):
+        if prop.property == TPM_PT.CONTEXT_GAP_MAX:
+            data.properties[i] = TPMS_TAGGED_PROPERTY(prop.property, UINT32_MAX)
+            changed = True
+    if not changed:
+        return response
     parameters = get_capability_parameters(more, data)
     return Response(TPM_ST.NO_SESSIONS, 0, parameters=parameters).to_bytes()

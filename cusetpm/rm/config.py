@@ -13,3 +13,16 @@ class RMConfig:
     max_spaces_per_uid: int | None = None  # open spaces per user id; None: no per-user limit
     retry_first_delay: float = 0.020  # TPM_RC_RETRY/TESTING/YIELDED: 20 ms, doubling ...
     retry_max_delay: float = 2.0  # ... until the delay would exceed 2 s (the kernel's numbers)
+    # Session continuation: client-saved sessions whose saving descriptor closed, kept for
+    # another descriptor to load; beyond this many the oldest is flushed.
+    max_abandoned_sessions: int = 16
+    # Regapping: the context-gap window the RM keeps sessions within. None: the TPM's own
+    # TPM_PT_CONTEXT_GAP_MAX. A smaller value makes the RM refresh sessions sooner (tests).
+    context_gap_window: int | None = None
+    proactive_regap: bool = True  # off only to test the reactive path
+    # Global session exhaustion: a StartAuthSession that finds no free TPM session waits in a
+    # FIFO queue; after `session_evict_after` s the least recently used session idle for more
+    # than `session_timeout` s is evicted for it; after `session_wait_max` s it is refused.
+    session_timeout: float = 2.0
+    session_evict_after: float = 0.5
+    session_wait_max: float = 10.0

@@ -1,34 +1,42 @@
 """What happens to one client command, in order. Runs on the RM's worker thread only.
 
-    validate  -> framing, command code (the TPM's own list), handle and auth areas
-    own       -> every transient handle and session named must belong to the space
-    answer    -> what the RM answers itself (FlushContext of an object, handle lists)
-    limits    -> per-space object/session quotas, refused before anything runs
-    load      -> ContextLoad the objects and sessions the command names (once each)
-    map       -> virtual handles -> physical handles in the handle area
-    transmit  -> the TPM runs the command
-    adopt     -> a new object gets the next virtual handle, a new session joins the space
-    put away  -> objects flushed (re-saved first if they change), sessions saved
+validate  -> framing, command code (the TPM's own list), handle and auth areas
+own       -> every transient handle and session named must belong to the space
+answer    -> what the RM answers itself (FlushContext of an object, handle lists,
+             a client's ContextSave/ContextLoad of a session: continuation.py)
+limits    -> per-space object/session quotas, refused before anything runs
+room      -> a new session needs a free TPM session: else the command waits (manager.py)
+load      -> ContextLoad the objects and sessions the command names (once each)
+map       -> virtual handles -> physical handles in the handle area
+transmit  -> the TPM runs the command
+adopt     -> a new object gets the next virtual handle, a new session joins the space
+put away  -> objects flushed (re-saved first if they change), sessions saved (regap.py)
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import time
 from dataclasses import dataclass, field
 
 from cusetpm.backends.base import BackendError
-from cusetpm.rm.capability import answer_handles, handles_query
+from cusetpm.rm import continuation
+from cusetpm.rm.capability import answer_handles, handles_query, rewrite_properties
 from cusetpm.rm.commandtable import SESSION_CREATING, CommandTable
 from cusetpm.rm.config import RMConfig
 from cusetpm.rm.errors import RMError, foreign_handle
-from cusetpm.rm.sessions import SessionTable
+from cusetpm.rm.regap import Regapper
+from cusetpm.rm.sessions import SessionEntry, SessionTable
 from cusetpm.rm.space import SavedObject, Space
 from cusetpm.rm.tpmlink import ContextError, TpmLink
+from cusetpm.tpm import commands as build
 from cusetpm.tpm.command import Command, parse_command
 from cusetpm.tpm.constants import (
+    TPM_CAP,
     TPM_CC,
     TPM_HEADER_SIZE,
+    TPM_HT,
     TPM_ST,
     TPMA_CC,
     TPMA_SESSION,
@@ -38,11 +46,19 @@ from cusetpm.tpm.constants import (
 )
 from cusetpm.tpm.errors import BadTagError, SizeMismatchError, TPMParseError
 from cusetpm.tpm.rc import TPM_RC, rc_base, rm_rc
-from cusetpm.tpm.response import error_response
+from cusetpm.tpm.response import Response, error_response
 
 log = logging.getLogger(__name__)
 
 SUCCESS_RESPONSE = error_response(0)  # a bare 10-byte TPM_RC_SUCCESS
+# The TPM has no room for another session (handles, or memory to load one).
+NO_SESSION_ROOM = frozenset({TPM_RC.SESSION_HANDLES, TPM_RC.SESSION_MEMORY})
+
+
+class SessionsExhausted(Exception):
+    """A new session needs a free TPM session: the manager makes the command wait."""
+
+
 # Objects whose state changes with each command that uses them: always saved again.
 SEQUENCE_CREATING = frozenset({TPM_CC.HashSequenceStart, TPM_CC.HMAC_Start})
 
@@ -62,31 +78,119 @@ class Executor:
     """Runs one client command for a space against the TPM."""
 
     def __init__(
-        self, link: TpmLink, table: CommandTable, sessions: SessionTable, config: RMConfig
+        self,
+        link: TpmLink,
+        table: CommandTable,
+        sessions: SessionTable,
+        config: RMConfig,
+        regapper: Regapper,
+        active_sessions_max: int,
     ):
         self.link = link
         self.table = table
         self.sessions = sessions
         self.config = config
+        self.regapper = regapper
+        self.active_sessions_max = active_sessions_max
+        self.reconcile_needed = False
+        # Objects and sessions the TPM held before the RM started (firmware may keep some):
+        # never flushed by the RM.
+        self.baseline: set[int] = set()
 
     def execute(self, space: Space, command: bytes) -> bytes:
         parsed, attrs = self.validate(space, command)
         if parsed is None or attrs is None:
             return error_response(rm_rc(TPM_RC.COMMAND_CODE))
-        self.check_ownership(space, parsed)
+        refusal = self.check_ownership(space, parsed)
+        if refusal is not None:
+            return refusal
         local = self.answer_locally(space, parsed)
         if local is not None:
             return local
         refusal = self.check_limits(space, parsed, attrs)
         if refusal is not None:
             return refusal
-        loaded = self.load(space, parsed)
+        creates_session = _creates(parsed, attrs) == "session"
+        if creates_session and len(self.sessions) >= self.active_sessions_max:
+            raise SessionsExhausted()
         try:
+            if self.reconcile_needed:
+                self.reconcile()
+            loaded = self.load(space, parsed)
             response = self.link.transmit(self.map_command(command, parsed, loaded))
+            if creates_session and _rc(response) in NO_SESSION_ROOM:
+                self.unload(loaded)  # someone outside the RM holds sessions too: wait as well
+                raise SessionsExhausted()
+            response = self.put_away(space, parsed, attrs, loaded, response)
+            if self.config.proactive_regap:
+                self.regapper.check()
         except BackendError as exc:
-            self.unload(loaded)
+            self.after_transport_failure(space)
             raise RMError(errno.EIO, f"TPM backend failed: {exc}") from exc
-        return self.put_away(space, parsed, attrs, loaded, response)
+        return response
+
+    # -- transport failures ---------------------------------------------------------------
+
+    def after_transport_failure(self, space: Space) -> None:
+        """The TPM may have done more than the RM heard of: clean up now, or before the next
+        command if the backend is still down."""
+        for vhandle, entry in list(space.objects.items()):
+            if not entry.context:
+                space.drop_object(vhandle)  # created by the lost command, never saved
+        self.reconcile_needed = True
+        try:
+            self.reconcile()
+        except BackendError as exc:
+            log.warning("TPM backend still failing (%s); will reconcile later", exc)
+
+    def reconcile(self) -> None:
+        """Bring the TPM back to the RM's picture: nothing loaded between commands.
+
+        Transient objects and loaded sessions the RM does not account for are flushed
+        (but those present when the RM started: firmware may own them); sessions the RM had
+        loaded are saved again, or dropped (their owners get the evicted error) if lost.
+        """
+        for handle in self.tpm_handles(TPM_HT.TRANSIENT):
+            if handle not in self.baseline:
+                self.link.flush_quietly(handle)
+        loaded = set(self.tpm_handles(TPM_HT.HMAC_SESSION))
+        for handle in loaded:
+            # A session of the RM's that is loaded: whatever context the RM holds is stale.
+            if self.sessions.get(handle) is not None:
+                self.save_session_or_forget(handle)
+            elif handle not in self.baseline:
+                self.link.flush_quietly(handle)
+        for entry in self.sessions:
+            if entry.context is None and entry.handle not in loaded:
+                self.link.flush_quietly(entry.handle)
+                if entry.owner is not None:
+                    entry.owner.evicted.add(entry.handle)
+                self.sessions.forget(entry.handle)
+        self.reconcile_needed = False
+        log.info("reconciled the TPM with the RM's tables")
+
+    def tpm_handles(self, kind: int) -> list[int]:
+        """The TPM's own list of handles of one type (the RM's view, not a space's)."""
+        handles: list[int] = []
+        prop = kind << 24
+        while True:
+            more, data = build.parse_get_capability(
+                self.link.transmit(build.get_capability(TPM_CAP.HANDLES, prop, 254))
+            )
+            handles.extend(data.handles)
+            if not more or not data.handles:
+                return handles
+            prop = data.handles[-1] + 1
+
+    def creates_session(self, command: bytes) -> bool:
+        """Would this command need a new TPM session (cheap look, no validation)?"""
+        code = int.from_bytes(command[6:10], "big") if len(command) >= 10 else 0
+        if code == TPM_CC.StartAuthSession:
+            return True
+        if code != TPM_CC.ContextLoad or len(command) < 22:
+            return False
+        saved_handle = int.from_bytes(command[18:22], "big")
+        return is_session_handle(saved_handle) and continuation.token_of(command[10:]) is None
 
     # -- validate -------------------------------------------------------------------------
 
@@ -110,28 +214,74 @@ class Executor:
 
     # -- own ------------------------------------------------------------------------------
 
-    def check_ownership(self, space: Space, cmd: Command) -> None:
-        """Transient and session handles must be the space's own; anything else passes."""
-        for handle in cmd.handles:
+    def check_ownership(self, space: Space, cmd: Command) -> bytes | None:
+        """Transient and session handles must be the space's own; anything else passes.
+
+        A session the RM evicted gets an RM-layer TPM_RC_REFERENCE_H<n>/S<n> response.
+        """
+        for i, handle in enumerate(cmd.handles):
             if is_transient_handle(handle) and handle not in space.objects:
                 raise foreign_handle(handle, "handle area")
             if is_session_handle(handle) and handle not in space.sessions:
+                if handle in space.evicted:
+                    return self.evicted(space, handle, rm_rc(TPM_RC.REFERENCE_H0 + i))
                 raise foreign_handle(handle, "handle area")
-        for session in cmd.sessions:
+        for i, session in enumerate(cmd.sessions):
             handle = session.sessionHandle
             if is_session_handle(handle) and handle not in space.sessions:
+                if handle in space.evicted:
+                    return self.evicted(space, handle, rm_rc(TPM_RC.REFERENCE_S0 + i))
                 raise foreign_handle(handle, "authorization area")
+        return None
+
+    @staticmethod
+    def evicted(space: Space, handle: int, rc: int) -> bytes:
+        log.warning(
+            "space %d: session 0x%08x was evicted under session exhaustion", space.id, handle
+        )
+        return error_response(rc)
 
     # -- answer ---------------------------------------------------------------------------
 
     def answer_locally(self, space: Space, cmd: Command) -> bytes | None:
-        if cmd.commandCode == TPM_CC.FlushContext and cmd.tag == TPM_ST.NO_SESSIONS:
+        if cmd.tag != TPM_ST.NO_SESSIONS:
+            return None  # a response the RM wrote itself would break the session's HMAC
+        if cmd.commandCode == TPM_CC.FlushContext:
             return self.flush_for_client(space, cmd)
-        if cmd.commandCode == TPM_CC.GetCapability and cmd.tag == TPM_ST.NO_SESSIONS:
+        if cmd.commandCode == TPM_CC.GetCapability:
             query = handles_query(cmd.parameters)
             if query is not None:
-                return answer_handles(space, *query, client_saved=[])
+                return answer_handles(space, *query, client_saved=sorted(space.client_saved))
+        if cmd.commandCode == TPM_CC.ContextSave and is_session_handle(cmd.handles[0]):
+            return self.save_session_for_client(space, cmd.handles[0])
+        if cmd.commandCode == TPM_CC.ContextLoad:
+            token = continuation.token_of(cmd.parameters)
+            if token is not None:
+                return self.load_session_for_client(space, token)
         return None
+
+    def save_session_for_client(self, space: Space, handle: int) -> bytes:
+        """The client gets a token; the session leaves the space but stays in the TPM."""
+        entry = self.sessions.get(handle)
+        if entry is None or entry.context is None:
+            raise RMError(errno.ENOENT, f"session 0x{handle:08x} has no saved context")
+        token = continuation.new_token()
+        self.sessions.client_saved(entry, token)
+        log.debug("space %d: session 0x%08x saved by the client", space.id, handle)
+        parameters = continuation.token_context(entry, token)
+        return Response(TPM_ST.NO_SESSIONS, 0, parameters=parameters).to_bytes()
+
+    def load_session_for_client(self, space: Space, token: bytes) -> bytes:
+        """A token presented: the session joins this space. No TPM command is needed."""
+        entry = self.sessions.by_token(token)
+        if entry is None:
+            log.warning("space %d: ContextLoad of a spent or unknown session token", space.id)
+            return error_response(continuation.RC_STALE_TOKEN)
+        if entry.saved_by is not space and self.session_count(space) >= self.config.max_sessions:
+            return self.over_limit(space, "TPM2_ContextLoad", "sessions", TPM_RC.SESSION_MEMORY)
+        self.sessions.claim(entry, space)
+        log.debug("space %d: session 0x%08x loaded from a token", space.id, entry.handle)
+        return Response(TPM_ST.NO_SESSIONS, 0, handle=entry.handle).to_bytes()
 
     def flush_for_client(self, space: Space, cmd: Command) -> bytes | None:
         """FlushContext of an object only drops its saved context; nothing is in the TPM."""
@@ -145,23 +295,22 @@ class Executor:
 
     def check_limits(self, space: Space, cmd: Command, attrs: TPMA_CC) -> bytes | None:
         creates = _creates(cmd, attrs)
+        name = cc_name(cmd.commandCode)
         if creates == "object" and len(space.objects) >= self.config.max_objects:
-            log.warning(
-                "space %d: %s refused: %d objects is the limit",
-                space.id,
-                cc_name(cmd.commandCode),
-                self.config.max_objects,
-            )
-            return error_response(rm_rc(TPM_RC.OBJECT_MEMORY))
-        if creates == "session" and len(space.sessions) >= self.config.max_sessions:
-            log.warning(
-                "space %d: %s refused: %d sessions is the limit",
-                space.id,
-                cc_name(cmd.commandCode),
-                self.config.max_sessions,
-            )
-            return error_response(rm_rc(TPM_RC.SESSION_MEMORY))
+            return self.over_limit(space, name, "objects", TPM_RC.OBJECT_MEMORY)
+        if creates == "session" and self.session_count(space) >= self.config.max_sessions:
+            return self.over_limit(space, name, "sessions", TPM_RC.SESSION_MEMORY)
         return None
+
+    @staticmethod
+    def session_count(space: Space) -> int:
+        """Sessions charged to a space: its own, and those it saved and may load again."""
+        return len(space.sessions) + len(space.client_saved)
+
+    def over_limit(self, space: Space, name: str, what: str, rc: int) -> bytes:
+        limit = self.config.max_objects if what == "objects" else self.config.max_sessions
+        log.warning("space %d: %s refused: %d %s is the limit", space.id, name, limit, what)
+        return error_response(rm_rc(rc))
 
     # -- load -----------------------------------------------------------------------------
 
@@ -195,13 +344,15 @@ class Executor:
         try:
             loaded_as = self.link.context_load(entry.context)
         except ContextError as exc:
+            # The context is useless now, but the TPM still counts the session: free it.
+            self.link.flush_quietly(handle)
             self.sessions.forget(handle)
             raise _context_errno(space, exc, f"session 0x{handle:08x} lost") from exc
         if loaded_as != handle:
             self.link.flush_quietly(loaded_as)
             self.sessions.forget(handle)
             raise RMError(errno.EFAULT, f"session 0x{handle:08x} came back as 0x{loaded_as:08x}")
-        entry.context = None  # the TPM now holds the only valid copy
+        self.sessions.loaded(entry)  # the TPM now holds the only valid copy
 
     def unload(self, loaded: Loaded) -> None:
         """Error path: take back out of the TPM what load() put in."""
@@ -230,7 +381,7 @@ class Executor:
         self, space: Space, cmd: Command, attrs: TPMA_CC, loaded: Loaded, response: bytes
     ) -> bytes:
         """Adopt new handles, then leave nothing of the space in the TPM."""
-        rc = int.from_bytes(response[6:10], "big") if len(response) >= TPM_HEADER_SIZE else -1
+        rc = _rc(response)
         failures: list[RMError] = []
         new_object: tuple[int, int] | None = None
         if rc == 0 and attrs.rHandle and len(response) >= TPM_HEADER_SIZE + 4:
@@ -252,6 +403,8 @@ class Executor:
             self.sessions.forget(cmd.handles[0])
         if failures:
             raise failures[0]
+        if rc == 0 and cmd.commandCode == TPM_CC.GetCapability and cmd.tag == TPM_ST.NO_SESSIONS:
+            response = rewrite_properties(response)
         return response
 
     def adopt(
@@ -283,48 +436,117 @@ class Executor:
             and not s.sessionAttributes & TPMA_SESSION.continueSession
         }
         if cmd.commandCode == TPM_CC.ContextSave and is_session_handle(cmd.handles[0]):
-            # The client saved it: like the kernel, the session leaves the space.
+            # Saved through the TPM (the RM answers untagged saves itself with a token, see
+            # answer_locally): as in the kernel, the session leaves the space.
             ended.add(cmd.handles[0])
         return ended
 
     def put_object_away(
         self, space: Space, vhandle: int, physical: int, failures: list[RMError]
     ) -> None:
+        """Save the object if its context changed (or is new), then free its slot.
+
+        A failed save loses the object: the space is told. A failed flush loses nothing (the
+        saved context is good) but may leave the slot taken: the next command reconciles.
+        """
         entry = space.objects.get(vhandle)
-        try:
-            if entry is not None and (entry.mutable or not entry.context):
+        if entry is not None and (entry.mutable or not entry.context):
+            try:
                 entry.context = self.link.context_save(physical)
+            except ContextError as exc:
+                self.link.flush_quietly(physical)
+                space.drop_object(vhandle)
+                failures.append(_context_errno(space, exc, f"object 0x{vhandle:08x} lost"))
+                return
+        try:
             self.link.flush(physical)
         except ContextError as exc:
             if not exc.gone:
-                self.link.flush_quietly(physical)
-                failures.append(_context_errno(space, exc, f"object 0x{vhandle:08x} lost"))
-            space.drop_object(vhandle)
-        except BackendError as exc:
-            space.drop_object(vhandle)
-            failures.append(RMError(errno.EIO, f"TPM backend failed: {exc}"))
+                log.warning("space %d: %s; will reconcile", space.id, exc)
+                self.reconcile_needed = True
 
     def save_session_or_forget(self, handle: int, failures: list[RMError] | None = None) -> None:
+        """Save a loaded session; one that cannot be saved is flushed and its owner told."""
         entry = self.sessions.get(handle)
         try:
-            context = self.link.context_save(handle)
+            context = self.save_session(handle)
         except ContextError as exc:
+            self.link.flush_quietly(handle)
             self.sessions.forget(handle)
-            if not exc.gone:
-                self.link.flush_quietly(handle)
-                if failures is not None and entry is not None and entry.owner is not None:
-                    lost = f"session 0x{handle:08x} lost"
-                    failures.append(_context_errno(entry.owner, exc, lost))
-            return
-        except BackendError as exc:
-            self.sessions.forget(handle)
-            if failures is not None:
-                failures.append(RMError(errno.EIO, f"TPM backend failed: {exc}"))
+            if failures is not None and entry is not None and entry.owner is not None:
+                lost = f"session 0x{handle:08x} lost"
+                failures.append(_context_errno(entry.owner, exc, lost))
             return
         if entry is None:
             self.link.flush_quietly(handle)  # nobody owns it any more: do not keep it alive
             return
-        entry.context = context
+        self.regapper.saved(entry, context)
+
+    def save_session(self, handle: int) -> bytes:
+        """ContextSave of a session; on TPM_RC_CONTEXT_GAP, regap and try once more."""
+        try:
+            return self.link.context_save(handle)
+        except ContextError as exc:
+            if exc.rc != TPM_RC.CONTEXT_GAP:
+                raise
+        self.regapper.recover()
+        return self.link.context_save(handle)
+
+    # -- close ----------------------------------------------------------------------------
+
+    def close(self, space: Space) -> None:
+        """Nothing of the space stays in the TPM, but the sessions it saved for later."""
+        for entry in self.sessions.owned_by(space):
+            self.link.flush_quietly(entry.handle)
+            self.sessions.forget(entry.handle)
+        for handle in sorted(space.client_saved):
+            saved = self.sessions.get(handle)
+            if saved is not None:
+                self.sessions.abandon(saved)
+        self.prune_abandoned()
+        for vhandle in list(space.objects):
+            space.drop_object(vhandle)
+        space.evicted.clear()
+
+    def prune_abandoned(self) -> None:
+        abandoned = self.sessions.abandoned_oldest_first()
+        for entry in abandoned[: max(0, len(abandoned) - self.config.max_abandoned_sessions)]:
+            log.info("abandoned session 0x%08x flushed: too many abandoned", entry.handle)
+            self.link.flush_quietly(entry.handle)
+            self.sessions.forget(entry.handle)
+
+    # -- exhaustion -----------------------------------------------------------------------
+
+    def evict_idle_session(self, idle_for: float) -> SessionEntry | None:
+        """Flush the least recently used session idle for `idle_for` s; None if there is none.
+
+        Only saved sessions qualify: a session in use by the running command is loaded.
+        """
+        deadline = time.monotonic() - idle_for
+        idle = [e for e in self.sessions if e.context is not None and e.last_used <= deadline]
+        if not idle:
+            return None
+        victim = min(idle, key=lambda e: e.last_used)
+        self.link.flush_quietly(victim.handle)
+        if victim.owner is not None:
+            victim.owner.evicted.add(victim.handle)
+        self.sessions.forget(victim.handle)
+        log.warning(
+            "session 0x%08x (space %s, idle %.1f s) evicted: the TPM has no free session",
+            victim.handle,
+            victim.owner.id if victim.owner else "-",
+            time.monotonic() - victim.last_used,
+        )
+        return victim
+
+    def next_evictable_at(self, idle_for: float) -> float | None:
+        """When the first saved session will have been idle for `idle_for` s."""
+        times = [e.last_used for e in self.sessions if e.context is not None]
+        return min(times) + idle_for if times else None
+
+
+def _rc(response: bytes) -> int:
+    return int.from_bytes(response[6:10], "big") if len(response) >= TPM_HEADER_SIZE else -1
 
 
 def _handle_count(code: int, attrs: TPMA_CC) -> int:

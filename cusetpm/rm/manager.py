@@ -1,8 +1,13 @@
 """The resource manager: spaces in, one TPM worker, commands in FIFO order.
 
 Frontends call open_space/submit/cancel/close_space from any thread; everything that
-touches the TPM or the RM's tables runs on the single worker thread, in arrival order,
-so a long command (RSA key generation) never lets a later one overtake it.
+touches the TPM or the RM's tables runs one job at a time, in arrival order, so a long
+command (RSA key generation) never lets a later one overtake it.
+
+A command that needs a new session while the TPM has none free does not block the others:
+it waits in a FIFO of its own (`_waiters`). A session freed by anyone goes to the first
+waiter; after `session_evict_after` the RM evicts the least recently used idle session for
+it; after `session_wait_max` it gets an RM-layer TPM_RC_SESSION_HANDLES.
 """
 
 from __future__ import annotations
@@ -21,14 +26,16 @@ from cusetpm.backends.base import Backend, BackendError
 from cusetpm.rm.commandtable import CommandTable
 from cusetpm.rm.config import RMConfig
 from cusetpm.rm.errors import RMError
-from cusetpm.rm.execute import Executor
+from cusetpm.rm.execute import Executor, SessionsExhausted
+from cusetpm.rm.regap import Regapper
 from cusetpm.rm.sessions import SessionTable
 from cusetpm.rm.space import Space
 from cusetpm.rm.tpmlink import TpmLink
 from cusetpm.tpm import commands as build
 from cusetpm.tpm.commands import TPMError
 from cusetpm.tpm.constants import TPM_CAP, TPM_HT, TPM_PT, TPM_SU, cc_name
-from cusetpm.tpm.rc import TPM_RC, rc_name
+from cusetpm.tpm.rc import TPM_RC, rc_name, rm_rc
+from cusetpm.tpm.response import error_response
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +49,29 @@ READ_PROPERTIES = (
 )
 
 
+# A StartAuthSession that found the TPM full and was handed a freed session, but found it
+# full again (someone outside the RM holds sessions): look again this much later.
+TPM_FULL_RECHECK = 0.05
+
+
 @dataclass(eq=False)
 class Job:
     space: Space
     run: Callable[[], Any]
     future: Future[Any] = field(default_factory=Future)
     is_command: bool = False
+    waiting_since: float | None = None  # set while it waits for a TPM session
+    handed_off: bool = False  # a freed session was handed to it: it may not be overtaken
+
+
+@dataclass
+class WaitStats:
+    """Session exhaustion figures, for tests and benchmarks."""
+
+    waited: int = 0  # commands that had to wait for a session
+    max_wait: float = 0.0
+    evictions: int = 0
+    refused: int = 0  # waited past session_wait_max
 
 
 class ResourceManager:
@@ -68,6 +92,11 @@ class ResourceManager:
         self._busy: set[Space] = set()  # spaces with a command queued or running
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._waiters: deque[Job] = deque()  # commands waiting for a TPM session, FIFO
+        self._freed_seen = 0  # sessions.freed when the waiters were last served
+        self._next_service = float("inf")  # when the waiters need looking at again
+        self.wait_stats = WaitStats()
+        self.regapper: Regapper | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -75,7 +104,28 @@ class ResourceManager:
         """Learn the TPM (command list, limits) and start the worker."""
         table = CommandTable.read(self._startup_transmit)
         self.properties = self._read_properties()
-        self._executor = Executor(self.link, table, self.sessions, self.config)
+        window = self.config.context_gap_window or self.properties.get(
+            TPM_PT.CONTEXT_GAP_MAX, 0xFFFF
+        )
+        self.regapper = Regapper(self.link, self.sessions, window)
+        self._executor = Executor(
+            self.link,
+            table,
+            self.sessions,
+            self.config,
+            self.regapper,
+            active_sessions_max=self.properties.get(TPM_PT.ACTIVE_SESSIONS_MAX, 64),
+        )
+        self._executor.baseline = {
+            handle
+            for kind in (TPM_HT.TRANSIENT, TPM_HT.HMAC_SESSION, TPM_HT.POLICY_SESSION)
+            for handle in self._executor.tpm_handles(kind)
+        }
+        if self._executor.baseline:
+            log.info(
+                "the TPM already holds %s: the RM leaves them alone",
+                ", ".join(f"0x{h:08x}" for h in sorted(self._executor.baseline)),
+            )
         log.info(
             "TPM has %d commands; %s",
             len(table),
@@ -122,6 +172,7 @@ class ResourceManager:
                 done.set_result(None)
                 return done
             space.closed = True
+            self._drop_waiters(space, RMError(errno.EBADF, f"space {space.id} closed"))
             job = Job(space, lambda: self._close(space))
             self._enqueue(job)
         if wait:
@@ -146,7 +197,7 @@ class ResourceManager:
         """
         with self._cv:
             job = self._command_job(space, command)
-            inline = not self._queue and self._current is None
+            inline = not self._queue and self._current is None and not self._waiters
             if inline:
                 self._current = job
             else:
@@ -165,7 +216,9 @@ class ResourceManager:
         if self._stopping:
             raise RMError(errno.ESHUTDOWN, "the resource manager is stopping")
         self._busy.add(space)
-        return Job(space, lambda: self._command(space, command), is_command=True)
+        job = Job(space, lambda: b"", is_command=True)
+        job.run = lambda: self._command(job, command)
+        return job
 
     def cancel(self, space: Space) -> None:
         """Drop the space's queued command, or ask the TPM to cancel the running one."""
@@ -176,6 +229,8 @@ class ResourceManager:
                     self._busy.discard(space)
                     job.future.set_exception(RMError(errno.EINTR, "command cancelled"))
                     return
+            if self._drop_waiters(space, RMError(errno.EINTR, "command cancelled")):
+                return
             running = self._current is not None and self._current.space is space
         if running and self._current is not None and self._current.is_command:
             log.info("space %d: cancelling the running command", space.id)
@@ -185,12 +240,13 @@ class ResourceManager:
         """What the TPM itself holds (not a space's view): for tests and diagnostics."""
 
         def census() -> dict[str, list[int]]:
+            assert self._executor is not None
             return {
-                kind: self._tpm_handles(first)
-                for kind, first in (
-                    ("transient", TPM_HT.TRANSIENT << 24),
-                    ("loaded_sessions", TPM_HT.HMAC_SESSION << 24),
-                    ("saved_sessions", TPM_HT.POLICY_SESSION << 24),
+                name: self._executor.tpm_handles(kind)
+                for name, kind in (
+                    ("transient", TPM_HT.TRANSIENT),
+                    ("loaded_sessions", TPM_HT.HMAC_SESSION),
+                    ("saved_sessions", TPM_HT.POLICY_SESSION),
                 )
             }
 
@@ -218,20 +274,34 @@ class ResourceManager:
     def _work(self) -> None:
         while True:
             with self._cv:
-                # A job run inline by transmit() also holds _current: wait for it.
-                while (not self._queue or self._current is not None) and not (
-                    self._stopping and self._current is None
-                ):
-                    self._cv.wait()
-                if not self._queue:
-                    return
-                job = self._current = self._queue.popleft()
+                job = self._next_job()
+                while job is None:
+                    if self._stopping and self._current is None and not self._queue:
+                        self._drop_waiters(None, RMError(errno.ESHUTDOWN, "RM stopping"))
+                        return
+                    timeout = self._next_service - time.monotonic() if self._waiters else None
+                    self._cv.wait(None if timeout is None else max(timeout, 0.0))
+                    job = self._next_job()
+                self._current = job
             self._run_job(job)
+
+    def _next_job(self) -> Job | None:
+        """What the worker runs next (lock held): serving the waiters first when it is due."""
+        if self._current is not None:
+            return None  # a job run inline by transmit() holds the TPM
+        if self._waiters and (
+            self.sessions.freed != self._freed_seen or time.monotonic() >= self._next_service
+        ):
+            return Job(Space(uid=-1), self._serve_waiters)
+        return self._queue.popleft() if self._queue else None
 
     def _run_job(self, job: Job) -> None:
         """Runs a job that holds _current, on whichever thread it was given to."""
+        done = True
         try:
             job.future.set_result(job.run())
+        except SessionsExhausted:
+            done = False
         except RMError as exc:
             job.future.set_exception(exc)
         except Exception as exc:
@@ -240,13 +310,119 @@ class ResourceManager:
         finally:
             with self._cv:
                 self._current = None
-                if job.is_command:
+                if not done:
+                    self._park(job)
+                elif job.is_command:
                     self._busy.discard(job.space)
-                if self._queue or self._stopping:  # waking an idle worker costs GIL hand-offs
+                # waking an idle worker costs GIL hand-offs: only when it has work
+                if self._queue or self._stopping or self._waiters:
                     self._cv.notify_all()
 
-    def _command(self, space: Space, command: bytes) -> bytes:
+    # -- waiting for a TPM session --------------------------------------------------------
+
+    def _park(self, job: Job) -> None:
+        """The command needs a session the TPM cannot give now: it waits (lock held)."""
+        now = time.monotonic()
+        if job.waiting_since is None:
+            job.waiting_since = now
+            self.wait_stats.waited += 1
+        if job.handed_off:
+            # It was given a freed session and still found the TPM full: someone outside the
+            # RM holds sessions. It keeps its place; look again a little later.
+            self._waiters.appendleft(job)
+            self._next_service = min(self._next_service, now + TPM_FULL_RECHECK)
+        else:
+            self._waiters.append(job)
+            self._next_service = min(
+                self._next_service, job.waiting_since + self.config.session_evict_after
+            )
+        log.debug(
+            "space %d: waiting for a TPM session (%d waiting)", job.space.id, len(self._waiters)
+        )
+
+    def _serve_waiters(self) -> None:
+        """Worker: hand freed sessions to the first waiters, evict for them, refuse the late."""
+        assert self._executor is not None
+        config = self.config
+        now = time.monotonic()
+        with self._cv:
+            self._refuse_late_waiters(now)
+            self._freed_seen = self.sessions.freed
+            room = self._executor.active_sessions_max - len(self.sessions)
+            self._hand_off(room)
+        while True:
+            with self._cv:
+                head = self._waiters[0] if self._waiters else None
+            if head is None or head.waiting_since is None:
+                break
+            if now < head.waiting_since + config.session_evict_after:
+                break
+            if self._executor.evict_idle_session(config.session_timeout) is None:
+                break
+            self.wait_stats.evictions += 1
+            with self._cv:
+                self._freed_seen = self.sessions.freed
+                self._hand_off(1)
+        with self._cv:
+            self._next_service = self._next_service_time(now)
+
+    def _hand_off(self, count: int) -> None:
+        """The first `count` waiters run next, in their order, before anything else (lock held)."""
+        chosen = [self._waiters.popleft() for _ in range(min(count, len(self._waiters)))]
+        for job in reversed(chosen):
+            job.handed_off = True
+            self._queue.appendleft(job)
+            if job.waiting_since is not None:
+                waited = time.monotonic() - job.waiting_since
+                self.wait_stats.max_wait = max(self.wait_stats.max_wait, waited)
+
+    def _refuse_late_waiters(self, now: float) -> None:
+        for job in list(self._waiters):
+            assert job.waiting_since is not None
+            if now - job.waiting_since >= self.config.session_wait_max:
+                self._waiters.remove(job)
+                self._busy.discard(job.space)
+                self.wait_stats.refused += 1
+                log.warning(
+                    "space %d: no TPM session became free in %.1f s; refused",
+                    job.space.id,
+                    now - job.waiting_since,
+                )
+                job.future.set_result(error_response(rm_rc(TPM_RC.SESSION_HANDLES)))
+
+    def _next_service_time(self, now: float) -> float:
+        """When the waiters need the worker again, if no session is freed before (lock held)."""
+        if not self._waiters:
+            return float("inf")
+        assert self._executor is not None
+        times = [
+            j.waiting_since + self.config.session_wait_max for j in self._waiters if j.waiting_since
+        ]
+        head = self._waiters[0]
+        if head.waiting_since is not None:
+            evict_at = head.waiting_since + self.config.session_evict_after
+            if evict_at <= now:
+                evict_at = self._executor.next_evictable_at(self.config.session_timeout) or now + 1
+            times.append(max(evict_at, now + 0.001))
+        return min(times)
+
+    def _drop_waiters(self, space: Space | None, error: RMError) -> bool:
+        """Fail the waiting commands of one space (or all); lock held. True if any."""
+        dropped = [j for j in self._waiters if space is None or j.space is space]
+        for job in dropped:
+            self._waiters.remove(job)
+            self._busy.discard(job.space)
+            job.future.set_exception(error)
+        return bool(dropped)
+
+    # -- commands on the TPM --------------------------------------------------------------
+
+    def _command(self, job: Job, command: bytes) -> bytes:
         assert self._executor is not None, "start() was not called"
+        space = job.space
+        newcomer = not job.handed_off and job.waiting_since is None
+        if newcomer and self._waiters and self._executor.creates_session(command):
+            raise SessionsExhausted()  # others wait for a session already: queue behind them
         started = time.perf_counter()
         trips = self.link.stats.round_trips
         name = cc_name(int.from_bytes(command[6:10], "big")) if len(command) >= 10 else "?"
@@ -268,11 +444,8 @@ class ResourceManager:
         return response
 
     def _close(self, space: Space) -> None:
-        for entry in self.sessions.owned_by(space):
-            self.link.flush_quietly(entry.handle)
-            self.sessions.forget(entry.handle)
-        for vhandle in list(space.objects):
-            space.drop_object(vhandle)
+        assert self._executor is not None
+        self._executor.close(space)
         with self._cv:
             self._spaces.discard(space)
             self._per_uid[space.uid] -= 1
@@ -303,15 +476,3 @@ class ResourceManager:
                 continue
             properties.update((p.property, p.value) for p in data.properties)
         return properties
-
-    def _tpm_handles(self, first: int) -> list[int]:
-        handles: list[int] = []
-        prop = first
-        while True:
-            more, data = build.parse_get_capability(
-                self.link.transmit(build.get_capability(TPM_CAP.HANDLES, prop, 254))
-            )
-            handles.extend(data.handles)
-            if not more or not data.handles:
-                return handles
-            prop = data.handles[-1] + 1

@@ -40,6 +40,12 @@ class Space:
     objects: dict[int, SavedObject] = field(default_factory=dict)  # by virtual handle
     # session handles this space owns (their contexts live in the RM's session table)
     sessions: set[int] = field(default_factory=set)
+    # sessions it saved itself (TPM2_ContextSave) and has not closed on: they count against
+    # its session limit, and are abandoned when it closes
+    client_saved: set[int] = field(default_factory=set)
+    # handles of its sessions the RM evicted under global exhaustion: using one gets an
+    # RM-layer error, never whatever session the TPM later gives that number
+    evicted: set[int] = field(default_factory=set)
     closed: bool = False
     _free: list[int] = field(default_factory=list)
     _next: int = 0

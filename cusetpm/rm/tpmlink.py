@@ -29,8 +29,15 @@ class ContextError(Exception):
 
     @property
     def gone(self) -> bool:
-        """The handle no longer exists in the TPM (flushed, or never loaded)."""
-        return rc_base(self.rc) in (TPM_RC.HANDLE, TPM_RC.REFERENCE_H0)
+        """The handle no longer exists in the TPM (flushed, or never loaded).
+
+        libtpms answers TPM_RC_VALUE for a handle outside its tables, where the reference
+        code would say TPM_RC_REFERENCE_H0; a ContextLoad's VALUE means something else.
+        """
+        gone = {TPM_RC.HANDLE, TPM_RC.REFERENCE_H0}
+        if self.operation != "ContextLoad":
+            gone.add(TPM_RC.VALUE)
+        return rc_base(self.rc) in gone
 
 
 @dataclass

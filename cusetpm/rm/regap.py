@@ -1,0 +1,66 @@
+"""Regapping: keep every saved session inside the TPM's context-gap window.
+
+The TPM numbers session context saves with one counter; once the oldest saved session is
+TPM_PT_CONTEXT_GAP_MAX saves behind the next one, ContextSave of any session fails with
+TPM_RC_CONTEXT_GAP (Part 1, "Context Management"). Only session saves move that counter
+(objects have a counter of their own), and the RM does every session save, so it knows how
+far behind the oldest one is and refreshes it (ContextLoad + ContextSave) before the window
+closes. A TPM shared with someone else can still answer 0x901: then the RM refreshes the older
+half of its saved sessions and the caller retries once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from cusetpm.rm.sessions import SessionEntry, SessionTable
+from cusetpm.rm.tpmlink import ContextError, TpmLink
+
+log = logging.getLogger(__name__)
+
+
+class Regapper:
+    def __init__(self, link: TpmLink, sessions: SessionTable, window: int):
+        self.link = link
+        self.sessions = sessions
+        self.window = window
+        # Refresh this many saves before the window closes: one client command saves at most
+        # a handful of sessions, so the oldest never falls out between two checks.
+        self.margin = max(8, window // 16)
+        self.latest = 0  # highest session context sequence seen
+        self.refreshes = 0
+
+    def saved(self, entry: SessionEntry, context: bytes) -> None:
+        """Record a session's new saved context (every session save goes through here)."""
+        self.sessions.saved(entry, context)
+        self.latest = max(self.latest, entry.sequence)
+
+    def check(self) -> None:
+        """Proactive: refresh the sessions about to fall out of the window."""
+        limit = self.window - self.margin
+        while True:
+            oldest = self.sessions.oldest_saved()
+            if oldest is None or self.latest - oldest.sequence < limit:
+                return
+            self.refresh(oldest)
+
+    def recover(self) -> None:
+        """Reactive, after a TPM_RC_CONTEXT_GAP: refresh the older half of the saved sessions."""
+        saved = self.sessions.saved_oldest_first()
+        log.warning(
+            "TPM reported TPM_RC_CONTEXT_GAP; refreshing %d sessions", (len(saved) + 1) // 2
+        )
+        for entry in saved[: (len(saved) + 1) // 2]:
+            self.refresh(entry)
+
+    def refresh(self, entry: SessionEntry) -> None:
+        """Load and save again: same session, same handle, a new place in the window."""
+        assert entry.context is not None
+        self.refreshes += 1
+        try:
+            self.link.context_load(entry.context)
+            self.saved(entry, self.link.context_save(entry.handle))
+        except ContextError as exc:
+            log.warning("refreshing session 0x%08x failed, dropping it: %s", entry.handle, exc)
+            self.link.flush_quietly(entry.handle)
+            self.sessions.forget(entry.handle)

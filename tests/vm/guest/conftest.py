@@ -32,6 +32,8 @@ CUSETPM_START_TIMEOUT = 120.0
 STOP_TIMEOUT = 15.0
 
 CUSE_NODE_NAME = "tpmrm-cusetpm-test"
+# `cusetpm serve` prints this once the node accepts commands (cusetpm/serve.py).
+SERVING_LINE = b"cusetpm: serving "
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -164,6 +166,19 @@ def cusetpm_serves_cuse() -> str | None:
     return None
 
 
+def _wait_serving(proc: subprocess.Popen[bytes], node: Path, log: Path, timeout: float) -> bool:
+    """Wait for the node to exist and for the daemon's "serving" line (its ready signal:
+    the node can appear before the daemon takes commands)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if node.exists() and SERVING_LINE in log.read_bytes():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
 @pytest.fixture(scope="module")
 def cusetpm_cuse_node(
     tmp_path_factory: pytest.TempPathFactory, cusetpm_serves_cuse: str | None
@@ -208,11 +223,11 @@ def cusetpm_cuse_node(
         cwd=PROJECT_ROOT,
     )
     logfile.close()  # the child has its own copy
-    if not wait_for_path(node, CUSETPM_START_TIMEOUT, proc):
+    if not _wait_serving(proc, node, log, CUSETPM_START_TIMEOUT):
         out = stop_process(proc, log=log)
         pytest.fail(
-            f"cusetpm serve --name {CUSE_NODE_NAME} did not create {node} "
-            f"(exit status {proc.returncode}):\n{out}"
+            f"cusetpm serve --name {CUSE_NODE_NAME} did not serve {node} within "
+            f"{CUSETPM_START_TIMEOUT:.0f} s (exit status {proc.returncode}):\n{out}"
         )
     try:
         yield str(node)

@@ -13,4 +13,5 @@ the module and add its name here. Benchmarks report; they never assert.
 
 SECTIONS: list[str] = [
     "bench.backends",
+    "bench.rm",
 ]

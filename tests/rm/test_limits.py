@@ -80,32 +80,29 @@ def test_sessions_per_space(make_rm: RMFactory) -> None:
     rm = make_rm(RMConfig(max_sessions=3))
     a = RawClient(rm, rm.open_space())
     first = a.start_session()
+    a.start_session(TPM_SE.POLICY)
     a.start_session()
-    saved = a.start_session()
-    blob = a.context_save(saved)  # the session leaves the space (as the kernel)
-    a.start_session()
-    trips = rm.round_trips
-    assert a.send(start_session_command()) == SESSION_MEMORY
-    assert a.send(build.context_load_raw(blob)) == SESSION_MEMORY
-    assert rm.round_trips == trips
+    assert_refused_before_running(a, start_session_command(), SESSION_MEMORY)
+    assert_refused_before_running(a, start_session_command(TPM_SE.POLICY), SESSION_MEMORY)
     # objects are not sessions
     a.create_primary()
     # another space is not affected
     b = RawClient(rm, rm.open_space())
     for _ in range(3):
         b.start_session()
-    assert b.send(start_session_command()) == SESSION_MEMORY
-    # ending one frees a place
+    assert_refused_before_running(b, start_session_command(), SESSION_MEMORY)
+    # ending one frees a place, for this space only
     a.flush(first)
-    assert a.context_load(blob) == saved
-    assert a.send(start_session_command()) == SESSION_MEMORY
+    assert_refused_before_running(b, start_session_command(), SESSION_MEMORY)
+    a.start_session()
+    assert_refused_before_running(a, start_session_command(), SESSION_MEMORY)
     rm.close_space(a.space)
     rm.close_space(b.space)
     assert_tpm_empty(rm)
 
 
-def start_session_command() -> bytes:
-    params = tpm2b_of(os.urandom(16)) + b"\0\0" + struct.pack(">BHH", TPM_SE.HMAC, 0x10, 0x0B)
+def start_session_command(kind: int = TPM_SE.HMAC) -> bytes:
+    params = tpm2b_of(os.urandom(16)) + b"\0\0" + struct.pack(">BHH", kind, 0x10, 0x0B)
     return raw_command(TPM_CC.StartAuthSession, [TPM_RH.NULL, TPM_RH.NULL], params)
 
 

@@ -294,10 +294,21 @@ def _serve(args: argparse.Namespace, stop: _StopSignals) -> int:
         _remove_mountpoint(plan)
         raise ServeError(f"cannot open backend {args.backend}: {e}") from e
     try:
-        return _serve_backend(args, plan, config, backend, stop)
+        status = _serve_backend(args, plan, config, backend, stop)
     finally:
-        backend.close()
         _remove_mountpoint(plan)
+        status_close = _close_backend(backend)
+    return status or status_close
+
+
+def _close_backend(backend: Backend) -> int:
+    """Close the TPM (libtpms saves its state here); 1 if that failed."""
+    try:
+        backend.close()
+    except Exception as e:
+        log.error("closing %s failed, its state may not be saved: %s", backend.name, e)
+        return 1
+    return 0
 
 
 def _serve_backend(

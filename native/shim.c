@@ -373,7 +373,10 @@ static void session_free(struct cusetpm_session *s)
 	int saved = errno;
 
 	if (s->se) {
-		if (s->mounted)
+		/* After dropping root, unmounting would run `fusermount3 -u`, which refuses a
+		 * mount root made; closing the channel is enough then: the mount was made with
+		 * auto_unmount, so fusermount3's watcher (root) unmounts when the fd closes. */
+		if (s->mounted && geteuid() == 0)
 			fuse_session_unmount(s->se);
 		fuse_session_destroy(s->se); /* closes the channel fd */
 	}

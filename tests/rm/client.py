@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from tpm2_pytss import ESAPI
 from tpm2_pytss.TCTI import PyTCTI
 
-from cusetpm.rm import ResourceManager, Space
+from cusetpm.rm import ResourceManager, RMError, Space
 from cusetpm.tpm import commands as build
 from cusetpm.tpm.command import AuthCommand, Command
 from cusetpm.tpm.constants import TPM_CAP, TPM_CC, TPM_RH, TPM_RS_PW, TPM_SE, TPM_ST
@@ -133,16 +133,26 @@ class RawClient:
 
 
 class RMTCTI(PyTCTI):
-    """A TCTI for tpm2-pytss that talks to one space of an in-process RM."""
+    """A TCTI for tpm2-pytss that talks to one space of an in-process RM.
+
+    An RMError (the errno a device node's write would return) reaches ESAPI as a TCTI
+    failure; the RMError itself is kept in `last_error` for the test to look at.
+    """
 
     def __init__(self, rm: ResourceManager, space: Space):
         super().__init__()
         self.rm = rm
         self.space = space
         self._response = b""
+        self.last_error: RMError | None = None
 
     def do_transmit(self, command: bytes) -> None:
-        self._response = self.rm.transmit(self.space, bytes(command))
+        self.last_error = None
+        try:
+            self._response = self.rm.transmit(self.space, bytes(command))
+        except RMError as exc:
+            self.last_error = exc
+            raise
 
     def do_receive(self, timeout: int) -> bytes:
         response, self._response = self._response, b""
@@ -270,3 +280,28 @@ def space_sessions(client: RawClient) -> list[int]:
     more, found = client.handles(TPM_HT_LOADED_SESSION_FIRST)
     assert not more
     return found
+
+
+# -- helpers for the global-resource tests (continuation, regap, exhaustion) -----------------
+
+# ContextLoad of a spent, unknown or dead session token: TPM_RC_HANDLE|P|1 in the RM's layer.
+RC_STALE_TOKEN = 0x000B01CB
+RC_RM_SESSION_MEMORY = 0x000B0903  # over the space's session limit
+RC_RM_SESSION_HANDLES = 0x000B0905  # no TPM session became free within session_wait_max
+RC_RM_EVICTED_H0 = 0x000B0910  # an evicted session in the handle area, position 0 (+n)
+RC_RM_EVICTED_S0 = 0x000B0918  # an evicted session in the authorization area, position 0 (+n)
+
+
+def start_session_command(session_type: int = TPM_SE.POLICY) -> bytes:
+    """StartAuthSession as RawClient.start_session sends it: unbound, unsalted, SHA-256."""
+    nonce_caller = struct.pack(">H", 16) + os.urandom(16)
+    params = nonce_caller + b"\0\0" + struct.pack(">BHH", session_type, ALG_NULL, ALG_SHA256)
+    return Command(
+        TPM_ST.NO_SESSIONS, TPM_CC.StartAuthSession, [TPM_RH.NULL, TPM_RH.NULL], [], params
+    ).to_bytes()
+
+
+def handle_of(response: bytes) -> int:
+    """The handle of a successful response that returns one (StartAuthSession, ContextLoad)."""
+    assert rc_of(response) == 0, hex(rc_of(response))
+    return int.from_bytes(response[10:14], "big")

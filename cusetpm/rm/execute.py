@@ -245,6 +245,7 @@ class Executor:
 
     def answer_locally(self, space: Space, cmd: Command) -> bytes | None:
         if cmd.tag != TPM_ST.NO_SESSIONS:
+            self.refuse_unfilterable(cmd)
             return None  # a response the RM wrote itself would break the session's HMAC
         if cmd.commandCode == TPM_CC.FlushContext:
             return self.flush_for_client(space, cmd)
@@ -259,6 +260,18 @@ class Executor:
             if token is not None:
                 return self.load_session_for_client(space, token)
         return None
+
+    @staticmethod
+    def refuse_unfilterable(cmd: Command) -> None:
+        """A handle list with a session attached: the TPM's answer would show every space's
+        sessions (and none of this space's objects), and the RM cannot filter it without
+        breaking the response HMAC. Refused, rather than leak or lie."""
+        if cmd.commandCode == TPM_CC.GetCapability and handles_query(cmd.parameters):
+            raise RMError(
+                errno.EINVAL,
+                "GetCapability(TPM_CAP_HANDLES) of transient or session handles "
+                "with an authorization area cannot be answered per space",
+            )
 
     def save_session_for_client(self, space: Space, handle: int) -> bytes:
         """The client gets a token; the session leaves the space but stays in the TPM."""

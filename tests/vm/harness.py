@@ -238,6 +238,12 @@ def run_in_guest(script: str, timeout: float, rwdir: Path) -> GuestResult:
     output = out.decode(errors="replace")
     if timed_out:
         output += f"\n[harness] guest killed after {timeout:.0f} s timeout\n"
+    elif proc.returncode == 255:
+        # vng keeps kernel messages off the console unless --verbose.
+        output += (
+            "\n[harness] exit 255: the guest kernel panicked or qemu failed; "
+            f"rerun with {ENV_VERBOSE}=1 to see kernel messages\n"
+        )
     log.info("guest exited with %s after %.1f s", proc.returncode, duration)
     return GuestResult(proc.returncode, output, duration, timed_out)
 

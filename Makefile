@@ -39,8 +39,6 @@ vm-deps: venv
 	    echo "installing Debian packages: $$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
-	@$(PY) -m pip show virtme-ng 2>/dev/null | grep -qx 'Version: 1.42' \
-	    || $(PY) -m pip install -q 'virtme-ng==1.42'
 
 # The CUSE tests, in Debian's kernel under qemu: one boot (~20 s) runs tests/vm/guest.
 # VM_PYTEST_ARGS picks another guest selection, e.g. VM_PYTEST_ARGS='tests/vm/guest -k tpmrm'.
@@ -52,13 +50,14 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: setup.py setup.cfg pyproject.toml native/build_shim.py native/shim.c native/shim.h | apt-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,dev,bench]'
+	$(PY) -m pip install -q -e '.[test,dev,bench,vm]'
 	touch $@
 
 run: setup
 	$(PY) -m cusetpm serve --backend libtpms --state-dir $(STATE_DIR) $(RUN_ARGS)
 
-test: setup
+# The CUSE tests run in a guest kernel (tests/test_vm_guest.py), so the suite needs vm-deps.
+test: setup vm-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup

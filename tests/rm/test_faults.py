@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import pytest
 
+from cusetpm.backends.base import Backend
 from cusetpm.rm import ResourceManager, RMConfig
 from cusetpm.rm.errors import RMError
 from cusetpm.tpm import commands as build
@@ -318,23 +319,12 @@ MID_SWAP = [
     for nth in (1, 2, 3)
     for after in (False, True)
 ]
-# The one case no RM can clean up: the TPM loaded the object but the answer (its physical
-# handle) was lost, and the RM must not flush transient handles it did not create (firmware
-# may hold one). Kept visible as an expected failure rather than left out.
-MID_SWAP_OBJECT = [
-    pytest.param(
-        1,
-        True,
-        id="1-after",
-        marks=pytest.mark.xfail(reason="ContextLoad answer lost: the new handle is unknown"),
-    )
-    if p.id == "1-after"
-    else p
-    for p in MID_SWAP
-]
 
 
-@pytest.mark.parametrize(("nth", "after_send"), MID_SWAP_OBJECT)
+# 1-after is the hard case: the TPM loaded the object but the answer (its physical handle)
+# was lost. The RM must still clean up, without flushing what it did not create (see
+# test_reconcile_spares_firmware_objects).
+@pytest.mark.parametrize(("nth", "after_send"), MID_SWAP)
 def test_transport_failure_mid_swap_object(faulty, nth, after_send):
     rm, tpm = faulty
     a, b = new_client(rm), new_client(rm)
@@ -374,6 +364,37 @@ def test_transport_failure_mid_swap_session(faulty, nth, after_send):
     for c in (a, b):
         rm.close_space(c.space)
     assert_tpm_empty(rm)
+
+
+def test_reconcile_spares_firmware_objects(make_rm: RMFactory):
+    """A transient object loaded before the RM started (firmware such as tboot holds one) is
+    not the RM's: cleaning up after a lost answer must leave it loaded."""
+    firmware: list[int] = []
+
+    def wrap(backend: Backend) -> FaultyBackend:
+        response = backend.transmit(create_primary_command(ecc_signing_template()))
+        assert rc_of(response) == 0
+        firmware.append(int.from_bytes(response[10:14], "big"))
+        return FaultyBackend(backend)
+
+    rm = make_rm(config=FAST_RETRY, wrap=wrap)
+    tpm = rm.backend
+    assert isinstance(tpm, FaultyBackend)
+    a = new_client(rm)
+    a1 = make_key(a, b"a1")
+    for nth, after_send in ((1, True), (3, False), (2, True)):
+        tpm.break_transport(nth=nth, after_send=after_send)
+        with pytest.raises(RMError):
+            a.read_public(a1)
+        tpm.heal()
+        if a1 not in space_objects(a):
+            a1 = make_key(a, b"a1")
+        a.read_public(a1)
+        assert rm.tpm_census()["transient"] == firmware
+    rm.close_space(a.space)
+    census = rm.tpm_census()
+    assert census == {"transient": firmware, "loaded_sessions": [], "saved_sessions": []}
+    tpm.inner.transmit(build.flush_context(firmware[0]))
 
 
 def test_repeated_transport_failures_do_not_exhaust_tpm(faulty):

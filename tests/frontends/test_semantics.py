@@ -167,6 +167,15 @@ def test_rm_error_is_read_errno_in_nonblocking_mode(nbfd: int) -> None:
     assert wire.rc(os.read(nbfd, 4096)) == 0
 
 
+def test_rm_error_from_the_worker_is_read_errno(nbfd: int, fd: int) -> None:
+    """The same through the RM's worker thread (slow commands never run on the loop)."""
+    os.write(nbfd, wire.create_rsa(0x80123456))
+    assert poll_once(nbfd, select.POLLIN, 5000) & select.POLLIN
+    assert oserror(os.read, nbfd, 4096) == errno.EINVAL
+    assert os.read(nbfd, 4096) == b""
+    assert oserror(os.write, fd, wire.create_rsa(0x80123456)) == errno.EINVAL
+
+
 def test_pending_error_makes_write_ebusy(nbfd: int) -> None:
     os.write(nbfd, wire.flush_context(0x80123456))
     poll_once(nbfd, select.POLLIN, 1000)
@@ -239,3 +248,23 @@ def test_node_attributes(daemon) -> None:  # type: ignore[no-untyped-def]
     assert st.st_mode & 0o7777 == 0o600  # default, no --mode given
     assert (st.st_uid, st.st_gid) == (0, 0)
     assert os.listdir(daemon.mount) == ["tpmrm0"]
+
+
+def test_quick_command_queues_behind_a_slow_one(node: str) -> None:
+    """While one file's key generation runs, another file's GetRandom waits its turn (FIFO)
+    and is answered by the worker; both complete."""
+    slow = os.open(node, os.O_RDWR | os.O_NONBLOCK)
+    quick = os.open(node, os.O_RDWR)
+    try:
+        os.write(slow, wire.create_primary_rsa(3072))
+        os.write(quick, wire.get_random(8))  # blocks until its turn
+        assert wire.rc(os.read(quick, 4096)) == 0
+        assert poll_once(slow, select.POLLIN, 0) & select.POLLIN  # FIFO: slow went first
+        response = os.read(slow, 4096)
+        assert wire.rc(response) == 0
+        os.write(slow, wire.flush_context(int.from_bytes(response[10:14], "big")))
+        poll_once(slow, select.POLLIN, 5000)
+        assert wire.rc(os.read(slow, 4096)) == 0
+    finally:
+        os.close(slow)
+        os.close(quick)

@@ -30,16 +30,25 @@ def get_handles(first: int, count: int = 64) -> bytes:
 
 def create_primary_rsa(bits: int = 2048) -> bytes:
     """CreatePrimary(owner, password auth) of an RSA storage key: the slow command."""
+    return _create(0x131, TPM_RH_OWNER, bits)
+
+
+def create_rsa(parent: int, bits: int = 2048) -> bytes:
+    """Create under `parent`: a slow command that names a transient handle."""
+    return _create(0x153, parent, bits)
+
+
+def _create(code: int, parent: int, bits: int) -> bytes:
     # TPMT_PUBLIC: RSA, SHA-256, fixedTPM|fixedParent|sensitiveDataOrigin|userWithAuth|
     # restricted|decrypt, no policy; AES-128-CFB, no scheme, `bits`, default exponent.
     params = struct.pack(">HHHHHI", 0x0006, 128, 0x0043, 0x0010, bits, 0)
     public = struct.pack(">HHIH", 0x0001, 0x000B, 0x00030072, 0) + params + b"\0\0"
     auth = struct.pack(">IHBH", TPM_RS_PW, 0, 0, 0)
-    body = struct.pack(">I", TPM_RH_OWNER) + struct.pack(">I", len(auth)) + auth
+    body = struct.pack(">I", parent) + struct.pack(">I", len(auth)) + auth
     body += struct.pack(">HHH", 4, 0, 0)  # TPM2B_SENSITIVE_CREATE: empty auth and data
     body += struct.pack(">H", len(public)) + public
     body += b"\0\0" + b"\0\0\0\0"  # no outsideInfo, no creation PCRs
-    return struct.pack(">HII", 0x8002, 10 + len(body), 0x131) + body
+    return struct.pack(">HII", 0x8002, 10 + len(body), code) + body
 
 
 def rc(response: bytes) -> int:

@@ -5,8 +5,8 @@ TPM_PT_CONTEXT_GAP_MAX saves behind the next one, ContextSave of any session fai
 TPM_RC_CONTEXT_GAP (Part 1, "Context Management"). Only session saves move that counter
 (objects have a counter of their own), and the RM does every session save, so it knows how
 far behind the oldest one is and refreshes it (ContextLoad + ContextSave) before the window
-closes. A TPM shared with someone else can still answer 0x901: then the RM refreshes the older
-half of its saved sessions and the caller retries once.
+closes. A TPM shared with someone else can still answer 0x901: then the RM refreshes all its
+saved sessions and the caller retries once.
 """
 
 from __future__ import annotations
@@ -45,12 +45,14 @@ class Regapper:
             self.refresh(oldest)
 
     def recover(self) -> None:
-        """Reactive, after a TPM_RC_CONTEXT_GAP: refresh the older half of the saved sessions."""
+        """Reactive, after a TPM_RC_CONTEXT_GAP: refresh every saved session, oldest first.
+
+        The TPM's counter moved further than the RM saw (someone else saves sessions too), so
+        the RM's own numbers cannot tell which sessions are at risk; this is rare, so all go.
+        """
         saved = self.sessions.saved_oldest_first()
-        log.warning(
-            "TPM reported TPM_RC_CONTEXT_GAP; refreshing %d sessions", (len(saved) + 1) // 2
-        )
-        for entry in saved[: (len(saved) + 1) // 2]:
+        log.warning("TPM reported TPM_RC_CONTEXT_GAP; refreshing all %d saved sessions", len(saved))
+        for entry in saved:
             self.refresh(entry)
 
     def refresh(self, entry: SessionEntry) -> None:

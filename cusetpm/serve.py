@@ -75,8 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--mode",
-        help="node permissions, octal (default 0600). The udev rule gives CUSE nodes 0660 "
-        "group tss; --mode/--user/--group override it",
+        help="node permissions, octal (default 0600). udev/70-cusetpm.rules, when "
+        "installed, gives CUSE tpmrm* nodes 0660 group tss; with --mode/--user/--group the "
+        "daemon sets the node itself once it appears (udev may still apply a rule after)",
     )
     parser.add_argument(
         "--user",
@@ -341,6 +342,7 @@ def _serve_backend(
             f"cusetpm: serving {plan.spec.path} ({plan.spec.kind}) on {backend.name}", flush=True
         )
         sd_notify("READY=1")
+        log.info("talk to it: tpm2_getrandom -T device:%s 8 --hex", plan.spec.path)
         while not stop.event.wait(1.0):
             if not session.running:
                 log.error("the kernel closed %s; stopping", plan.spec.path)

@@ -158,9 +158,20 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     assert rc == 0, f"daemon exited {rc}:\n{d.log()}"
 
 
-@pytest.fixture
-def node(daemon: Daemon) -> str:
+@pytest.fixture(scope="module")
+def node(request: pytest.FixtureRequest) -> str:
+    """The node under test: the module's FUSE daemon, or CUSETPM_TEST_NODE when set (a
+    node served elsewhere, e.g. a CUSE /dev/tpmrm* in the guest kernel of tests/vm)."""
+    external = os.environ.get("CUSETPM_TEST_NODE")
+    if external:
+        return external
+    daemon: Daemon = request.getfixturevalue("daemon")
     return daemon.node
+
+
+@pytest.fixture(scope="module")
+def tcti(node: str) -> str:
+    return f"device:{node}"
 
 
 # -- in process: the RM is at hand for a census of the TPM itself ------------------------

@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 
 from tests.frontends import tpmwire as wire
-from tests.frontends.conftest import Daemon
 
 
-def tools(daemon: Daemon, cwd: Path, *argv: str, input: bytes | None = None) -> bytes:
+def tools(tcti: str, cwd: Path, *argv: str, input: bytes | None = None) -> bytes:
     if shutil.which(argv[0]) is None:
         pytest.skip(f"{argv[0]} is not installed (Debian package tpm2-tools)")
-    env = {**os.environ, "TPM2TOOLS_TCTI": daemon.tcti}
+    env = {**os.environ, "TPM2TOOLS_TCTI": tcti}
     done = subprocess.run(argv, cwd=cwd, env=env, input=input, capture_output=True, timeout=60)
     assert done.returncode == 0, f"{' '.join(argv)}: {done.stderr.decode()}"
     return done.stdout
@@ -33,28 +32,28 @@ def transient_handles(node: str) -> list[int]:
         os.close(fd)
 
 
-def test_tpm2_tools_keys_and_signatures(daemon: Daemon, tmp_path: Path) -> None:
-    assert len(tools(daemon, tmp_path, "tpm2_getrandom", "16")) == 16
-    tools(daemon, tmp_path, "tpm2_createprimary", "-C", "o", "-c", "primary.ctx")
-    tools(daemon, tmp_path, "tpm2_create", "-C", "primary.ctx", "-G", "ecc",
+def test_tpm2_tools_keys_and_signatures(node: str, tcti: str, tmp_path: Path) -> None:
+    assert len(tools(tcti, tmp_path, "tpm2_getrandom", "16")) == 16
+    tools(tcti, tmp_path, "tpm2_createprimary", "-C", "o", "-c", "primary.ctx")
+    tools(tcti, tmp_path, "tpm2_create", "-C", "primary.ctx", "-G", "ecc",
           "-u", "key.pub", "-r", "key.priv")
-    tools(daemon, tmp_path, "tpm2_load", "-C", "primary.ctx", "-u", "key.pub",
+    tools(tcti, tmp_path, "tpm2_load", "-C", "primary.ctx", "-u", "key.pub",
           "-r", "key.priv", "-c", "key.ctx")
     (tmp_path / "message").write_bytes(b"cusetpm")
-    tools(daemon, tmp_path, "tpm2_sign", "-c", "key.ctx", "-g", "sha256", "-o", "sig",
+    tools(tcti, tmp_path, "tpm2_sign", "-c", "key.ctx", "-g", "sha256", "-o", "sig",
           "message")
-    tools(daemon, tmp_path, "tpm2_verifysignature", "-c", "key.ctx", "-g", "sha256",
+    tools(tcti, tmp_path, "tpm2_verifysignature", "-c", "key.ctx", "-g", "sha256",
           "-s", "sig", "-m", "message")
-    tools(daemon, tmp_path, "tpm2_flushcontext", "-t")
-    out = tools(daemon, tmp_path, "tpm2_getcap", "handles-transient")
+    tools(tcti, tmp_path, "tpm2_flushcontext", "-t")
+    out = tools(tcti, tmp_path, "tpm2_getcap", "handles-transient")
     assert out.strip() in (b"", b"[]")  # every tool exited: its space is gone
-    assert transient_handles(daemon.node) == []
+    assert transient_handles(node) == []
 
 
-def test_tpm2_tools_policy_session_unseal(daemon: Daemon, tmp_path: Path) -> None:
+def test_tpm2_tools_policy_session_unseal(tcti: str, tmp_path: Path) -> None:
     secret = b"sealed by cusetpm"
     (tmp_path / "secret").write_bytes(secret)
-    run = lambda *argv: tools(daemon, tmp_path, *argv)  # noqa: E731
+    run = lambda *argv: tools(tcti, tmp_path, *argv)  # noqa: E731
     run("tpm2_createprimary", "-C", "o", "-c", "primary.ctx")
     run("tpm2_startauthsession", "-S", "trial.ctx")
     run("tpm2_policypcr", "-S", "trial.ctx", "-l", "sha256:0,1", "-L", "policy.dat")
@@ -111,15 +110,15 @@ def run_pytss(node: str, rounds: int) -> subprocess.Popen[str]:
     )
 
 
-def test_tpm2_pytss_hmac_session_with_parameter_encryption(daemon: Daemon) -> None:
-    proc = run_pytss(daemon.node, 20)
+def test_tpm2_pytss_hmac_session_with_parameter_encryption(node: str) -> None:
+    proc = run_pytss(node, 20)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and out.strip() == "ok", err
 
 
-def test_eight_client_processes_at_once(daemon: Daemon) -> None:
-    procs = [run_pytss(daemon.node, 50) for _ in range(8)]
+def test_eight_client_processes_at_once(node: str) -> None:
+    procs = [run_pytss(node, 50) for _ in range(8)]
     for proc in procs:
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0 and out.strip() == "ok", err
-    assert transient_handles(daemon.node) == []
+    assert transient_handles(node) == []

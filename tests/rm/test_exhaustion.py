@@ -31,6 +31,7 @@ from tests.rm.client import (
     RC_RM_EVICTED_H0,
     RC_RM_EVICTED_S0,
     RC_RM_SESSION_HANDLES,
+    RC_RM_SESSION_MEMORY,
     RC_STALE_TOKEN,
     RawClient,
     get_random_with_session,
@@ -521,4 +522,52 @@ def test_sessions_held_outside_the_rm_never_show_the_tpm_905(make_rm: RMFactory)
         rm.close_space(client.space)
     for handle in outside:
         assert rc_of(shared.outsider(build.flush_context(handle))) == 0
+    assert_tpm_empty(rm)
+
+
+def test_over_the_space_limit_is_refused_at_once_even_while_others_wait(
+    make_rm: RMFactory,
+) -> None:
+    """The per-space limit is checked before anything runs: a space at its limit gets
+    0x000B0903 at once, not a place in the queue for a session it may not have (and not
+    0x000B0905 after session_wait_max)."""
+    wait_max = 0.5
+    rm = make_rm(
+        RMConfig(
+            max_sessions=2, session_timeout=60, session_evict_after=0.05, session_wait_max=wait_max
+        )
+    )
+    holders = [new_client(rm) for _ in range(TPM_SESSIONS // 2)]
+    for holder in holders:
+        fill(holder, 2)
+    waiter = new_client(rm)
+    waiting = park(rm, waiter)
+    started = time.monotonic()
+    response = holders[0].send(start_session_command())
+    answered = time.monotonic() - started
+    assert (len(response), rc_of(response)) == (10, RC_RM_SESSION_MEMORY), hex(rc_of(response))
+    assert answered < wait_max / 2, f"answered after {answered * 1e3:.0f} ms"
+    assert rm.wait_stats.waited == 1
+    # the waiter still gets the next freed session
+    holders[1].flush(space_sessions(holders[1])[0])
+    assert rc_of(waiting.result(5)) == 0
+    for client in [*holders, waiter]:
+        rm.close_space(client.space)
+    assert_tpm_empty(rm)
+
+
+def test_wait_bound_holds_when_eviction_comes_later_than_the_bound(make_rm: RMFactory) -> None:
+    """session_wait_max bounds the wait whatever session_evict_after says (a large
+    session_evict_after is how one turns eviction off)."""
+    wait_max, evict_after = 0.3, 3.0
+    rm = make_rm(config(session_evict_after=evict_after, session_wait_max=wait_max))
+    holder, waiter = new_client(rm), new_client(rm)
+    fill(holder, TPM_SESSIONS)
+    started = time.monotonic()
+    response = waiter.send(start_session_command())
+    waited = time.monotonic() - started
+    assert (len(response), rc_of(response)) == (10, RC_RM_SESSION_HANDLES)
+    assert waited < wait_max + 0.5, f"refused after {waited:.2f} s, not {wait_max} s"
+    for client in (holder, waiter):
+        rm.close_space(client.space)
     assert_tpm_empty(rm)

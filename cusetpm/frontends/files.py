@@ -34,11 +34,14 @@ log = logging.getLogger(__name__)
 TPM_BUFSIZE = 4096  # the kernel's data_buffer: larger writes are E2BIG
 HEADER_SIZE = 10  # tag u16, size u32, code u32
 BUSY_WINDOW = 0.5  # seconds to wait out the RM marking a finished space idle (see _submit)
-# Commands that can run for a long time (key generation, self tests): always handed to the
-# RM's worker, so the loop stays free to deliver FUSE_INTERRUPT (-> cancel) meanwhile.
-SLOW_COMMANDS = frozenset(
+# Commands always handed to the RM's worker, never run on the loop thread (see
+# _may_run_inline): those that can run long (key generation, self tests), so the loop stays
+# free to deliver FUSE_INTERRUPT (-> cancel); and those that can need a new TPM session,
+# which the RM makes wait for one -- the session that frees up may be another client's,
+# whose close must get through the loop meanwhile.
+WORKER_ONLY_COMMANDS = frozenset(
     {TPM_CC.CreatePrimary, TPM_CC.Create, TPM_CC.CreateLoaded, TPM_CC.SelfTest,
-     TPM_CC.IncrementalSelfTest}
+     TPM_CC.IncrementalSelfTest, TPM_CC.StartAuthSession, TPM_CC.ContextLoad}
 )
 READABLE = select.POLLIN | select.POLLRDNORM
 WRITABLE = select.POLLOUT | select.POLLWRNORM
@@ -207,12 +210,14 @@ class TpmFileOps:
 
         Handing it to the RM's worker and answering from there costs two thread hops (and
         GIL hand-offs) that are several times the RM's own work for most commands; with
-        the TPM idle, running it here changes no order.  Slow commands still go to the
-        worker: while the loop thread is busy it cannot deliver an interrupt.
+        the TPM idle, running it here changes no order.  WORKER_ONLY_COMMANDS still go to
+        the worker: while the loop thread runs a command it serves no other request.
+        `_busy` counts only this frontend's work: it assumes it is the RM's one client
+        (true in `cusetpm serve`); if not, transmit() merely waits its turn.
         """
         code = int.from_bytes(command[6:10], "big")
         with self._lock:
-            return self._busy == 0 and code not in SLOW_COMMANDS
+            return self._busy == 0 and code not in WORKER_ONLY_COMMANDS
 
     def _run_inline(self, f: OpenFile, command: bytes, size: int, nonblock: bool) -> int:
         """Run the command now; the write's answer (and, O_NONBLOCK, the read's) is ready."""

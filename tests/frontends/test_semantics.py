@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -268,3 +269,31 @@ def test_quick_command_queues_behind_a_slow_one(node: str) -> None:
     finally:
         os.close(slow)
         os.close(quick)
+
+
+def test_session_waiter_is_served_when_another_file_closes(node: str) -> None:
+    """With every TPM session taken, a new one waits in the RM; a file closing meanwhile
+    (its release must get through the node) frees a session for it at once, long before
+    the RM would evict an idle one."""
+    holders: list[int] = []
+    waiter = os.open(node, os.O_RDWR | os.O_NONBLOCK)
+    try:
+        while True:  # take sessions until the TPM has none left
+            fd = os.open(node, os.O_RDWR)
+            holders.append(fd)
+            os.write(fd, wire.start_hmac_session())
+            if wire.rc(os.read(fd, 4096)) != 0 or len(holders) > 256:
+                raise AssertionError("the RM should make the last StartAuthSession wait")
+            if len(holders) >= 64:  # libtpms: TPM_PT_ACTIVE_SESSIONS_MAX = 64
+                break
+        os.write(waiter, wire.start_hmac_session())
+        assert poll_once(waiter, select.POLLIN, 200) == 0  # it waits
+        started = time.monotonic()
+        os.close(holders.pop())
+        assert poll_once(waiter, select.POLLIN, 5000) & select.POLLIN
+        assert time.monotonic() - started < 1.0  # handed the freed session, not an eviction
+        assert wire.rc(os.read(waiter, 4096)) == 0
+    finally:
+        os.close(waiter)
+        for fd in holders:
+            os.close(fd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 
 from cusetpm.tpm import commands as build
@@ -64,3 +65,11 @@ def handles(response: bytes) -> list[int]:
     assert rc(response) == TPM_RC_SUCCESS, hex(rc(response))
     count = struct.unpack_from(">I", response, 15)[0]
     return list(struct.unpack_from(f">{count}I", response, 19))
+
+
+def start_hmac_session() -> bytes:
+    """StartAuthSession: unbound, unsalted HMAC session, SHA-256, no symmetric."""
+    body = struct.pack(">II", 0x40000007, 0x40000007)  # tpmKey, bind: TPM_RH_NULL
+    body += struct.pack(">H", 16) + os.urandom(16)  # nonceCaller
+    body += struct.pack(">HBHH", 0, 0x00, 0x0010, 0x000B)  # no salt, HMAC, sym NULL, SHA-256
+    return struct.pack(">HII", 0x8001, 10 + len(body), 0x176) + body

@@ -115,7 +115,7 @@ class TpmFileOps:
         self._lock = threading.Lock()  # guards the two dicts and _busy
         self._fh = itertools.count(1)
         # Commands and space closes this frontend has handed to the RM and not seen finish.
-        # Zero means the RM is idle (we are its only client): see _run_inline.
+        # Zero means the RM is idle (we are its only client): see _may_run_inline.
         self._busy = 0
 
     # -- open / release -------------------------------------------------------------------
@@ -150,7 +150,11 @@ class TpmFileOps:
         out.send()
         log.debug("fh %d: released, closing space %d", fh, f.space.id)
         self._count_busy(+1)
-        closed = self.rm.close_space(f.space, wait=False)
+        try:
+            closed = self.rm.close_space(f.space, wait=False)
+        except Exception as e:
+            closed = Future()
+            closed.set_exception(e)
         closed.add_done_callback(functools.partial(self._released, f, req))
 
     def _released(self, f: OpenFile, req: Request | None, fut: Future[None]) -> None:

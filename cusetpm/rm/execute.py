@@ -97,7 +97,9 @@ class Executor:
         # never flushed by the RM.
         self.baseline: set[int] = set()
 
-    def execute(self, space: Space, command: bytes) -> bytes:
+    def execute(self, space: Space, command: bytes, queue_behind: bool = False) -> bytes:
+        """The response to one command. `queue_behind`: others are waiting for a TPM session,
+        so a command needing a new one must wait too (SessionsExhausted), after its checks."""
         parsed, attrs = self.validate(space, command)
         if parsed is None or attrs is None:
             return error_response(rm_rc(TPM_RC.COMMAND_CODE))
@@ -111,7 +113,7 @@ class Executor:
         if refusal is not None:
             return refusal
         creates_session = _creates(parsed, attrs) == "session"
-        if creates_session and len(self.sessions) >= self.active_sessions_max:
+        if creates_session and (queue_behind or len(self.sessions) >= self.active_sessions_max):
             raise SessionsExhausted()
         try:
             if self.reconcile_needed:
@@ -182,15 +184,20 @@ class Executor:
                 return handles
             prop = data.handles[-1] + 1
 
-    def creates_session(self, command: bytes) -> bool:
-        """Would this command need a new TPM session (cheap look, no validation)?"""
-        code = int.from_bytes(command[6:10], "big") if len(command) >= 10 else 0
-        if code == TPM_CC.StartAuthSession:
-            return True
-        if code != TPM_CC.ContextLoad or len(command) < 22:
-            return False
-        saved_handle = int.from_bytes(command[18:22], "big")
-        return is_session_handle(saved_handle) and continuation.token_of(command[10:]) is None
+    def sessions_named(self, commands: list[bytes]) -> set[int]:
+        """Session handles that these (not yet validated) commands name, as far as they parse."""
+        named: set[int] = set()
+        for command in commands:
+            attrs = self.table.lookup(int.from_bytes(command[6:10], "big")) if command else None
+            if attrs is None:
+                continue
+            try:
+                cmd = parse_command(command, _handle_count(cmd_code(command), attrs))
+            except TPMParseError:
+                continue
+            named.update(h for h in cmd.handles if is_session_handle(h))
+            named.update(s.sessionHandle for s in cmd.sessions)
+        return named
 
     # -- validate -------------------------------------------------------------------------
 
@@ -530,13 +537,18 @@ class Executor:
 
     # -- exhaustion -----------------------------------------------------------------------
 
-    def evict_idle_session(self, idle_for: float) -> SessionEntry | None:
+    def evict_idle_session(self, idle_for: float, in_flight: set[int]) -> SessionEntry | None:
         """Flush the least recently used session idle for `idle_for` s; None if there is none.
 
-        Only saved sessions qualify: a session in use by the running command is loaded.
+        Only saved sessions qualify (the running command's are loaded), and none that a
+        command already written but not yet run names (`in_flight`).
         """
         deadline = time.monotonic() - idle_for
-        idle = [e for e in self.sessions if e.context is not None and e.last_used <= deadline]
+        idle = [
+            e
+            for e in self.sessions
+            if e.context is not None and e.last_used <= deadline and e.handle not in in_flight
+        ]
         if not idle:
             return None
         victim = min(idle, key=lambda e: e.last_used)
@@ -556,6 +568,10 @@ class Executor:
         """When the first saved session will have been idle for `idle_for` s."""
         times = [e.last_used for e in self.sessions if e.context is not None]
         return min(times) + idle_for if times else None
+
+
+def cmd_code(command: bytes) -> int:
+    return int.from_bytes(command[6:10], "big")
 
 
 def _rc(response: bytes) -> int:

@@ -60,6 +60,7 @@ class Job:
     run: Callable[[], Any]
     future: Future[Any] = field(default_factory=Future)
     is_command: bool = False
+    command: bytes = b""  # for command jobs: what the client sent
     waiting_since: float | None = None  # set while it waits for a TPM session
     handed_off: bool = False  # a freed session was handed to it: it may not be overtaken
 
@@ -93,6 +94,7 @@ class ResourceManager:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._waiters: deque[Job] = deque()  # commands waiting for a TPM session, FIFO
+        self._handed: deque[Job] = deque()  # waiters given a freed session: they run first
         self._freed_seen = 0  # sessions.freed when the waiters were last served
         self._next_service = float("inf")  # when the waiters need looking at again
         self.wait_stats = WaitStats()
@@ -197,7 +199,9 @@ class ResourceManager:
         """
         with self._cv:
             job = self._command_job(space, command)
-            inline = not self._queue and self._current is None and not self._waiters
+            inline = (
+                not self._queue and not self._handed and not self._waiters and not self._current
+            )
             if inline:
                 self._current = job
             else:
@@ -216,16 +220,16 @@ class ResourceManager:
         if self._stopping:
             raise RMError(errno.ESHUTDOWN, "the resource manager is stopping")
         self._busy.add(space)
-        job = Job(space, lambda: b"", is_command=True)
+        job = Job(space, lambda: b"", is_command=True, command=command)
         job.run = lambda: self._command(job, command)
         return job
 
     def cancel(self, space: Space) -> None:
         """Drop the space's queued command, or ask the TPM to cancel the running one."""
         with self._cv:
-            for job in self._queue:
+            for job in [*self._handed, *self._queue]:
                 if job.space is space and job.is_command:
-                    self._queue.remove(job)
+                    (self._handed if job in self._handed else self._queue).remove(job)
                     self._busy.discard(space)
                     job.future.set_exception(RMError(errno.EINTR, "command cancelled"))
                     return
@@ -276,7 +280,7 @@ class ResourceManager:
             with self._cv:
                 job = self._next_job()
                 while job is None:
-                    if self._stopping and self._current is None and not self._queue:
+                    if self._stopping and not (self._current or self._queue or self._handed):
                         self._drop_waiters(None, RMError(errno.ESHUTDOWN, "RM stopping"))
                         return
                     timeout = self._next_service - time.monotonic() if self._waiters else None
@@ -289,6 +293,8 @@ class ResourceManager:
         """What the worker runs next (lock held): serving the waiters first when it is due."""
         if self._current is not None:
             return None  # a job run inline by transmit() holds the TPM
+        if self._handed:
+            return self._handed.popleft()  # before serving again: hand-offs keep their order
         if self._waiters and (
             self.sessions.freed != self._freed_seen or time.monotonic() >= self._next_service
         ):
@@ -296,27 +302,38 @@ class ResourceManager:
         return self._queue.popleft() if self._queue else None
 
     def _run_job(self, job: Job) -> None:
-        """Runs a job that holds _current, on whichever thread it was given to."""
-        done = True
+        """Runs a job that holds _current, on whichever thread it was given to.
+
+        The space is free again before its future completes: a client answered can write its
+        next command at once.
+        """
+        result: Any = None
+        error: BaseException | None = None
+        parked = False
         try:
-            job.future.set_result(job.run())
+            result = job.run()
         except SessionsExhausted:
-            done = False
+            parked = True
         except RMError as exc:
-            job.future.set_exception(exc)
+            error = exc
         except Exception as exc:
             log.exception("space %d: internal error", job.space.id)
-            job.future.set_exception(RMError(errno.EIO, f"internal error: {exc!r}"))
-        finally:
-            with self._cv:
-                self._current = None
-                if not done:
-                    self._park(job)
-                elif job.is_command:
-                    self._busy.discard(job.space)
-                # waking an idle worker costs GIL hand-offs: only when it has work
-                if self._queue or self._stopping or self._waiters:
-                    self._cv.notify_all()
+            error = RMError(errno.EIO, f"internal error: {exc!r}")
+        with self._cv:
+            self._current = None
+            if parked:
+                self._park(job)
+            elif job.is_command:
+                self._busy.discard(job.space)
+            # waking an idle worker costs GIL hand-offs: only when it has work
+            if self._queue or self._handed or self._stopping or self._waiters:
+                self._cv.notify_all()
+        if parked:
+            return
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)
 
     # -- waiting for a TPM session --------------------------------------------------------
 
@@ -328,14 +345,17 @@ class ResourceManager:
             self.wait_stats.waited += 1
         if job.handed_off:
             # It was given a freed session and still found the TPM full: someone outside the
-            # RM holds sessions. It keeps its place; look again a little later.
-            self._waiters.appendleft(job)
+            # RM holds sessions. It keeps its place (ahead of those who came later); look
+            # again a little later.
+            place = 0
+            while place < len(self._waiters) and self._waiters[place].handed_off:
+                place += 1
+            self._waiters.insert(place, job)
             self._next_service = min(self._next_service, now + TPM_FULL_RECHECK)
         else:
             self._waiters.append(job)
-            self._next_service = min(
-                self._next_service, job.waiting_since + self.config.session_evict_after
-            )
+            first_look = min(self.config.session_evict_after, self.config.session_wait_max)
+            self._next_service = min(self._next_service, job.waiting_since + first_look)
         log.debug(
             "space %d: waiting for a TPM session (%d waiting)", job.space.id, len(self._waiters)
         )
@@ -357,7 +377,10 @@ class ResourceManager:
                 break
             if now < head.waiting_since + config.session_evict_after:
                 break
-            if self._executor.evict_idle_session(config.session_timeout) is None:
+            with self._cv:
+                pending = [j.command for j in (*self._handed, *self._queue, *self._waiters)]
+            in_flight = self._executor.sessions_named(pending)
+            if self._executor.evict_idle_session(config.session_timeout, in_flight) is None:
                 break
             self.wait_stats.evictions += 1
             with self._cv:
@@ -369,9 +392,9 @@ class ResourceManager:
     def _hand_off(self, count: int) -> None:
         """The first `count` waiters run next, in their order, before anything else (lock held)."""
         chosen = [self._waiters.popleft() for _ in range(min(count, len(self._waiters)))]
-        for job in reversed(chosen):
+        for job in chosen:
             job.handed_off = True
-            self._queue.appendleft(job)
+            self._handed.append(job)
             if job.waiting_since is not None:
                 waited = time.monotonic() - job.waiting_since
                 self.wait_stats.max_wait = max(self.wait_stats.max_wait, waited)
@@ -420,14 +443,13 @@ class ResourceManager:
     def _command(self, job: Job, command: bytes) -> bytes:
         assert self._executor is not None, "start() was not called"
         space = job.space
-        newcomer = not job.handed_off and job.waiting_since is None
-        if newcomer and self._waiters and self._executor.creates_session(command):
-            raise SessionsExhausted()  # others wait for a session already: queue behind them
+        # Others wait for a session already: a newcomer needing one queues behind them.
+        behind = not job.handed_off and job.waiting_since is None and bool(self._waiters)
         started = time.perf_counter()
         trips = self.link.stats.round_trips
         name = cc_name(int.from_bytes(command[6:10], "big")) if len(command) >= 10 else "?"
         try:
-            response = self._executor.execute(space, command)
+            response = self._executor.execute(space, command, queue_behind=behind)
         except RMError as exc:
             log.warning("space %d: %s refused: %s", space.id, name, exc)
             raise

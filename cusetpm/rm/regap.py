@@ -38,7 +38,9 @@ class Regapper:
     def check(self) -> None:
         """Proactive: refresh the sessions about to fall out of the window."""
         limit = self.window - self.margin
-        while True:
+        # Each session at most once: with a window too small for the sessions kept, refreshing
+        # cannot help and must not spin.
+        for _ in range(len(self.sessions)):
             oldest = self.sessions.oldest_saved()
             if oldest is None or self.latest - oldest.sequence < limit:
                 return

@@ -165,10 +165,10 @@ class FaultyBackend(Backend):
             if fault.vanish:
                 self._vanish(command)
             return tpm_error(fault.rc)
+        with self.started:  # before the delay: a slow command has started when it waits
+            self.started.notify_all()
         if delay:
             time.sleep(delay)
-        with self.started:
-            self.started.notify_all()
         response = self.inner.transmit(command)
         if fault is not None:  # after_send: the TPM ran it, the answer is lost
             raise BackendError(f"{self.name}: injected transport failure after sending")

@@ -183,24 +183,17 @@ class ResourceManager:
 
     # -- commands -------------------------------------------------------------------------
 
-    def submit(self, space: Space, command: bytes) -> Future[bytes]:
-        """Queue one command; the future gives the response, or raises RMError."""
-        with self._cv:
-            job = self._command_job(space, command)
-            self._enqueue(job)
-        return job.future
+    def submit(self, space: Space, command: bytes, inline_if_idle: bool = False) -> Future[bytes]:
+        """Queue one command; the future gives the response, or raises RMError.
 
-    def transmit(self, space: Space, command: bytes) -> bytes:
-        """Blocking submit: the response, or RMError.
-
-        When nothing is queued or running, the caller's thread runs the command itself: FIFO
-        order holds (nobody is ahead of it) and the hand-off to the worker, which would cost
-        more than the RM's own work, is saved.
+        inline_if_idle: when nothing is queued or running, the caller's thread runs the
+        command itself and gets a completed future. FIFO order holds (nobody is ahead of it)
+        and the hand-off to the worker, which costs more than the RM's own work, is saved.
         """
         with self._cv:
             job = self._command_job(space, command)
-            inline = (
-                not self._queue and not self._handed and not self._waiters and not self._current
+            inline = inline_if_idle and not (
+                self._queue or self._handed or self._waiters or self._current
             )
             if inline:
                 self._current = job
@@ -208,7 +201,11 @@ class ResourceManager:
                 self._enqueue(job)
         if inline:
             self._run_job(job)
-        result: bytes = job.future.result()
+        return job.future
+
+    def transmit(self, space: Space, command: bytes) -> bytes:
+        """Blocking submit: the response, or RMError."""
+        result: bytes = self.submit(space, command, inline_if_idle=True).result()
         return result
 
     def _command_job(self, space: Space, command: bytes) -> Job:

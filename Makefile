@@ -7,52 +7,54 @@ PY          := $(VENV)/bin/python
 STATE_DIR   ?= $(CURDIR)/state
 RUN_ARGS    ?=
 PYTEST_ARGS ?=
+BENCH_ARGS  ?=
 
 # Debian 12 packages: libtpms (embedded TPM), swtpm + tpm2-tools (test peers),
 # libtss2 (tpm2-pytss builds against it), libfuse3 (the native shim), a compiler.
 APT_PACKAGES := libtpms0 libtpms-dev swtpm swtpm-tools tpm2-tools libtss2-dev \
                 libfuse3-dev fuse3 gcc pkg-config python3-dev python3-venv
-# The guest kernel for the CUSE tests (make test-vm).
+# The guest kernel for the CUSE tests (make test-vm); virtme-ng comes with the venv.
 VM_APT_PACKAGES := qemu-system-x86 linux-image-amd64 busybox-static
+# The peers `make bench` compares against: tpm2-abrmd on a session D-Bus.
+BENCH_APT_PACKAGES := tpm2-abrmd dbus
 
-.PHONY: all setup apt-deps vm-deps venv run test test-host test-vm bench lint clean
+.PHONY: all setup apt-deps vm-deps bench-deps venv run test test-vm bench bench-quick \
+        lint install install-udev clean
 
 all: setup
 
 setup: apt-deps venv
 
-# Installs only what dpkg does not already report as installed.
+# $(call apt_install,PACKAGES): installs those dpkg does not already report as installed.
+define apt_install
+	@missing=$$(for p in $(1); do \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages: $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+endef
+
 apt-deps:
-	@missing=$$(for p in $(APT_PACKAGES); do \
-	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-	    echo "installing Debian packages: $$missing"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
-	fi
+	$(call apt_install,$(APT_PACKAGES))
 
-# Debian packages above, plus virtme-ng (boots the guest) in the venv, pinned to 1.42:
-# the version known to work with the flags in tests/vm/harness.py.
 vm-deps: venv
-	@missing=$$(for p in $(VM_APT_PACKAGES); do \
-	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-	    echo "installing Debian packages: $$missing"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
-	fi
+	$(call apt_install,$(VM_APT_PACKAGES))
 
-# The CUSE tests, in Debian's kernel under qemu: one boot (~20 s) runs tests/vm/guest.
-# VM_PYTEST_ARGS picks another guest selection, e.g. VM_PYTEST_ARGS='tests/vm/guest -k tpmrm'.
-test-vm: vm-deps
-	$(PY) -m tests.vm.harness $(VM_PYTEST_ARGS)
+bench-deps: vm-deps
+	$(call apt_install,$(BENCH_APT_PACKAGES))
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py setup.cfg pyproject.toml native/build_shim.py native/shim.c native/shim.h | apt-deps
+$(VENV)/.installed: setup.py setup.cfg pyproject.toml native/build_shim.py native/shim.c \
+                    native/shim.h native/callbacks.h | apt-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,dev,bench,vm]'
 	touch $@
 
+# serve picks the node itself: the CUSE device /dev/tpmrm0 where the kernel has CUSE, else a
+# FUSE mount at /run/cusetpm; it prints the node and how to talk to it.
 run: setup
 	$(PY) -m cusetpm serve --backend libtpms --state-dir $(STATE_DIR) $(RUN_ARGS)
 
@@ -60,12 +62,32 @@ run: setup
 test: setup vm-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: setup
+# The CUSE tests alone, in Debian's kernel under qemu: one boot (~20 s) runs tests/vm/guest.
+# VM_PYTEST_ARGS picks another guest selection, e.g. VM_PYTEST_ARGS='tests/vm/guest -k tpmrm'.
+test-vm: vm-deps
+	$(PY) -m tests.vm.harness $(VM_PYTEST_ARGS)
+
+bench: setup bench-deps
 	$(PY) -m bench $(BENCH_ARGS)
+
+bench-quick: setup bench-deps
+	$(PY) -m bench --quick $(BENCH_ARGS)
 
 lint: setup
 	$(PY) -m ruff check cusetpm tests bench native
 	$(PY) -m mypy
+
+# The udev rule gives cusetpm's CUSE node group tss, mode 0660 (tpm2-tss's convention).
+install-udev:
+	install -D -m 0644 udev/70-cusetpm.rules /etc/udev/rules.d/70-cusetpm.rules
+	-udevadm control --reload
+
+# A systemd unit running this checkout's venv (Type=notify); enable it yourself.
+install: setup install-udev
+	install -D -m 0644 udev/cusetpm.service /etc/systemd/system/cusetpm.service
+	sed -i 's#@BINDIR@#$(abspath $(VENV))/bin#' /etc/systemd/system/cusetpm.service
+	-systemctl daemon-reload
+	@echo "enable it with: systemctl enable --now cusetpm"
 
 clean:
 	rm -rf build *.egg-info cusetpm/_native*.so cusetpm/_native.c

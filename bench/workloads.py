@@ -10,6 +10,7 @@ cryptography.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import struct
 from collections.abc import Callable
@@ -121,3 +122,189 @@ WORKLOADS = [
     Workload("ReadPublic, 1 object", _read_public, kernel_round_trips=1 + 3),
     Workload("Sign, 3 objects + 1 policy session", _sign_3_objects, kernel_round_trips=1 + 9 + 2),
 ]
+
+
+# --- the comparison workloads (bench.compare, bench.scale, bench.guest_bench) ------------------
+#
+# Some of these cannot repeat fixed bytes: an HMAC session's nonces roll with every command,
+# and create/load/flush feeds one command's output into the next. So a comparison workload
+# prepares a client operation: `prepare(transmit)` sets up what it needs through `transmit`
+# and returns `op()`, which sends exactly one TPM command and returns its response.
+
+Op = Callable[[], bytes]
+
+ALG_KEYEDHASH, ALG_HMAC = 0x08, 0x05
+RC_RETRY = struct.pack(">I", 0x922)
+PCR_SELECT_0 = struct.pack(">IHB", 1, ALG_SHA256, 3) + b"\x01\x00\x00"  # TPML: sha256 {PCR 0}
+
+
+def _u16(data: bytes, at: int) -> tuple[int, int]:
+    return int.from_bytes(data[at:at + 2], "big"), at + 2
+
+
+def _tpm2b_at(data: bytes, at: int) -> tuple[bytes, int]:
+    size, at = _u16(data, at)
+    return data[at:at + size], at + size
+
+
+def _password_auth() -> AuthCommand:
+    return AuthCommand(TPM_RS_PW, b"", 0, b"")
+
+
+def start_session_nonce(transmit: Transmit, session_type: int) -> tuple[int, bytes]:
+    """StartAuthSession (unbound, unsalted, no symmetric): (handle, nonceTPM)."""
+    params = (
+        _tpm2b(os.urandom(16)) + b"\0\0" + struct.pack(">BHH", session_type, ALG_NULL, ALG_SHA256)
+    )
+    command = Command(
+        TPM_ST.NO_SESSIONS, TPM_CC.StartAuthSession, [TPM_RH.NULL, TPM_RH.NULL], [], params
+    )
+    response = transmit(command.to_bytes())
+    handle = _handle(response)
+    nonce, _ = _tpm2b_at(response, 14)
+    return handle, nonce
+
+
+def policy_pcr(session: int) -> bytes:
+    """PolicyPCR(session, empty pcrDigest, sha256 {PCR 0}): no authorization, fixed bytes."""
+    return Command(
+        TPM_ST.NO_SESSIONS, TPM_CC.PolicyPCR, [session], [], b"\0\0" + PCR_SELECT_0
+    ).to_bytes()
+
+
+def create_primary_public(transmit: Transmit, template: bytes) -> tuple[int, bytes]:
+    """CreatePrimary under the owner hierarchy: (handle, outPublic as a TPM2B)."""
+    params = struct.pack(">HHH", 4, 0, 0) + template + b"\0\0" + b"\0\0\0\0"
+    response = transmit(Command(
+        TPM_ST.SESSIONS, TPM_CC.CreatePrimary, [TPM_RH.OWNER], [_password_auth()], params
+    ).to_bytes())
+    handle = _handle(response)
+    public, _ = _tpm2b_at(response, 18)  # header, handle, parameterSize
+    return handle, _tpm2b(public)
+
+
+def load_external_public(public: bytes) -> bytes:
+    """LoadExternal of a public area alone into the NULL hierarchy: a cheap 'object'."""
+    return Command(
+        TPM_ST.NO_SESSIONS, TPM_CC.LoadExternal, [], [],
+        b"\0\0" + public + struct.pack(">I", TPM_RH.NULL),
+    ).to_bytes()
+
+
+def load_object(transmit: Transmit, command: bytes) -> int:
+    return _handle(transmit(command))
+
+
+class AuditedGetRandom:
+    """GetRandom(16) with an unbound, unsalted HMAC session set for audit.
+
+    GetRandom authorizes nothing, so a session on it must be an audit, encrypt or decrypt
+    session; audit is the one that needs no symmetric key. The session's HMAC key is
+    sessionKey || authValue (Part 1, 19.6): both empty for an unbound, unsalted session, so
+    the HMAC is cheap and every command still carries a fresh, checked HMAC and rolls the
+    nonces the way a real client's session does.
+    """
+
+    ATTRIBUTES = TPMA_SESSION.continueSession | TPMA_SESSION.audit
+
+    def __init__(self, transmit: Transmit) -> None:
+        self.transmit = transmit
+        self.handle, self.nonce_tpm = start_session_nonce(transmit, TPM_SE.HMAC)
+        self.params = struct.pack(">H", 16)
+        self.cp_hash = hashlib.sha256(struct.pack(">I", TPM_CC.GetRandom) + self.params).digest()
+        self.counter = 0
+
+    def __call__(self) -> bytes:
+        self.counter += 1
+        nonce = self.counter.to_bytes(16, "big")  # fresh per command; its value is free
+        mac = hmac.new(
+            b"", self.cp_hash + nonce + self.nonce_tpm + bytes([self.ATTRIBUTES]), hashlib.sha256
+        ).digest()
+        auth = AuthCommand(self.handle, nonce, self.ATTRIBUTES, mac)
+        response = self.transmit(
+            Command(TPM_ST.SESSIONS, TPM_CC.GetRandom, [], [auth], self.params).to_bytes()
+        )
+        check(response)
+        # parameterSize, then the parameters, then the session's nonceTPM for the next HMAC.
+        at = 14 + int.from_bytes(response[10:14], "big")
+        self.nonce_tpm, _ = _tpm2b_at(response, at)
+        return response
+
+
+class Churn:
+    """Create an ECC key under a storage primary, Load it, FlushContext it: one command a call."""
+
+    def __init__(self, transmit: Transmit) -> None:
+        self.transmit = transmit
+        self.parent = create_primary(transmit, storage_template())
+        self.step = 0
+        self.blob = b""
+        self.loaded = 0
+        sensitive = _tpm2b(b"\0\0\0\0")  # empty userAuth, empty data
+        self.create = Command(
+            TPM_ST.SESSIONS, TPM_CC.Create, [self.parent], [_password_auth()],
+            sensitive + policy_signing_template() + b"\0\0" + b"\0\0\0\0",
+        ).to_bytes()
+
+    def __call__(self) -> bytes:
+        step, self.step = self.step, (self.step + 1) % 3
+        if step == 0:
+            response = self.transmit(self.create)
+            # libtpms answers about one ECC Create in 60 with TPM_RC_RETRY; a client that
+            # sees it (there is no RM, or the RM passes it on) simply sends it again.
+            while response[6:10] == RC_RETRY:
+                response = self.transmit(self.create)
+            check(response)
+            private, at = _tpm2b_at(response, 14)
+            public, _ = _tpm2b_at(response, at)
+            self.blob = _tpm2b(private) + _tpm2b(public)
+        elif step == 1:
+            response = self.transmit(Command(
+                TPM_ST.SESSIONS, TPM_CC.Load, [self.parent], [_password_auth()], self.blob
+            ).to_bytes())
+            self.loaded = _handle(response)
+        else:
+            response = self.transmit(build.flush_context(self.loaded))
+            check(response)
+        return response
+
+
+def _repeat(transmit: Transmit, command: bytes) -> Op:
+    check(transmit(command))
+    return lambda: transmit(command)
+
+
+@dataclass
+class CompareWorkload:
+    name: str
+    short: str  # for the chart's axis
+    prepare: Callable[[Transmit], Op]
+    kernel_round_trips: float  # the kernel RM's TPM commands per client command (DESIGN.md)
+
+
+COMPARE_WORKLOADS = [
+    CompareWorkload("GetRandom", "GetRandom", lambda t: _repeat(t, _get_random(t)), 1),
+    CompareWorkload("ReadPublic, 1 object", "ReadPublic",
+                    lambda t: _repeat(t, _read_public(t)), 1 + 3),
+    CompareWorkload("Sign, ECC key, 3 objects + policy session", "Sign",
+                    lambda t: _repeat(t, _sign_3_objects(t)), 1 + 9 + 2),
+    CompareWorkload("GetRandom + HMAC (audit) session", "HMAC sess.", AuditedGetRandom, 1 + 2),
+    CompareWorkload("PolicyPCR on a policy session", "PolicyPCR",
+                    lambda t: _repeat(t, policy_pcr(start_session(t, TPM_SE.POLICY))), 1 + 2),
+    # The kernel loads every object of the space before each command and saves + flushes
+    # each after: Create 1 + 3 (parent), Load 1 + 1 + 2 * 2 (parent and the new key),
+    # FlushContext 1 + 2 loads + 2 (the parent saved again): 15 for 3 client commands.
+    CompareWorkload("Create/Load/Flush churn (per command)", "Churn", Churn, (4 + 6 + 5) / 3),
+]
+
+
+def flush_all(transmit: Transmit) -> None:
+    """Flush every transient object and session: a direct client has no RM to do it."""
+    from cusetpm.tpm.constants import TPM_CAP, TPM_HT
+
+    for kind in (TPM_HT.TRANSIENT, TPM_HT.HMAC_SESSION, TPM_HT.POLICY_SESSION):
+        _, data = build.parse_get_capability(
+            transmit(build.get_capability(TPM_CAP.HANDLES, kind << 24, 254))
+        )
+        for handle in data.handles:
+            transmit(build.flush_context(handle))

@@ -88,7 +88,8 @@ def swtpm_socket(state: Path, timeout: float = 60.0) -> Iterator[int]:
 
 @contextlib.contextmanager
 def cusetpm_node(system: str, backend: str, workdir: Path, *, fuse_mount: Path | None = None,
-                 name: str | None = None, timeout: float = 120.0) -> Iterator[Target]:
+                 name: str | None = None, extra: tuple[str, ...] = (),
+                 timeout: float = 120.0) -> Iterator[Target]:
     """``cusetpm serve`` on ``backend`` as a FUSE file (fuse_mount) or a CUSE device (name)."""
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"cusetpm-{system}.log"
@@ -100,7 +101,7 @@ def cusetpm_node(system: str, backend: str, workdir: Path, *, fuse_mount: Path |
     with log.open("wb") as out:  # a file, not a pipe: nobody drains it while scenarios run
         proc = subprocess.Popen(
             [sys.executable, "-m", "cusetpm", "serve", "--backend", backend,
-             "--log-level", "WARNING", *where],
+             "--log-level", "WARNING", *where, *extra],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
         )
     try:

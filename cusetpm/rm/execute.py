@@ -70,9 +70,6 @@ class Loaded:
     objects: dict[int, int] = field(default_factory=dict)  # vhandle -> physical handle
     sessions: list[int] = field(default_factory=list)
 
-    def physical(self) -> list[int]:
-        return [*self.objects.values(), *self.sessions]
-
 
 class Executor:
     """Runs one client command for a space against the TPM."""
@@ -130,74 +127,6 @@ class Executor:
             self.after_transport_failure(space)
             raise RMError(errno.EIO, f"TPM backend failed: {exc}") from exc
         return response
-
-    # -- transport failures ---------------------------------------------------------------
-
-    def after_transport_failure(self, space: Space) -> None:
-        """The TPM may have done more than the RM heard of: clean up now, or before the next
-        command if the backend is still down."""
-        for vhandle, entry in list(space.objects.items()):
-            if not entry.context:
-                space.drop_object(vhandle)  # created by the lost command, never saved
-        self.reconcile_needed = True
-        try:
-            self.reconcile()
-        except BackendError as exc:
-            log.warning("TPM backend still failing (%s); will reconcile later", exc)
-
-    def reconcile(self) -> None:
-        """Bring the TPM back to the RM's picture: nothing loaded between commands.
-
-        Transient objects and loaded sessions the RM does not account for are flushed
-        (but those present when the RM started: firmware may own them); sessions the RM had
-        loaded are saved again, or dropped (their owners get the evicted error) if lost.
-        """
-        for handle in self.tpm_handles(TPM_HT.TRANSIENT):
-            if handle not in self.baseline:
-                self.link.flush_quietly(handle)
-        loaded = set(self.tpm_handles(TPM_HT.HMAC_SESSION))
-        for handle in loaded:
-            # A session of the RM's that is loaded: whatever context the RM holds is stale.
-            if self.sessions.get(handle) is not None:
-                self.save_session_or_forget(handle)
-            elif handle not in self.baseline:
-                self.link.flush_quietly(handle)
-        for entry in self.sessions:
-            if entry.context is None and entry.handle not in loaded:
-                self.link.flush_quietly(entry.handle)
-                if entry.owner is not None:
-                    entry.owner.evicted.add(entry.handle)
-                self.sessions.forget(entry.handle)
-        self.reconcile_needed = False
-        log.info("reconciled the TPM with the RM's tables")
-
-    def tpm_handles(self, kind: int) -> list[int]:
-        """The TPM's own list of handles of one type (the RM's view, not a space's)."""
-        handles: list[int] = []
-        prop = kind << 24
-        while True:
-            more, data = build.parse_get_capability(
-                self.link.transmit(build.get_capability(TPM_CAP.HANDLES, prop, 254))
-            )
-            handles.extend(data.handles)
-            if not more or not data.handles:
-                return handles
-            prop = data.handles[-1] + 1
-
-    def sessions_named(self, commands: list[bytes]) -> set[int]:
-        """Session handles that these (not yet validated) commands name, as far as they parse."""
-        named: set[int] = set()
-        for command in commands:
-            attrs = self.table.lookup(int.from_bytes(command[6:10], "big")) if command else None
-            if attrs is None:
-                continue
-            try:
-                cmd = parse_command(command, _handle_count(cmd_code(command), attrs))
-            except TPMParseError:
-                continue
-            named.update(h for h in cmd.handles if is_session_handle(h))
-            named.update(s.sessionHandle for s in cmd.sessions)
-        return named
 
     # -- validate -------------------------------------------------------------------------
 
@@ -568,6 +497,74 @@ class Executor:
         """When the first saved session will have been idle for `idle_for` s."""
         times = [e.last_used for e in self.sessions if e.context is not None]
         return min(times) + idle_for if times else None
+
+    # -- transport failures ---------------------------------------------------------------
+
+    def after_transport_failure(self, space: Space) -> None:
+        """The TPM may have done more than the RM heard of: clean up now, or before the next
+        command if the backend is still down."""
+        for vhandle, entry in list(space.objects.items()):
+            if not entry.context:
+                space.drop_object(vhandle)  # created by the lost command, never saved
+        self.reconcile_needed = True
+        try:
+            self.reconcile()
+        except BackendError as exc:
+            log.warning("TPM backend still failing (%s); will reconcile later", exc)
+
+    def reconcile(self) -> None:
+        """Bring the TPM back to the RM's picture: nothing loaded between commands.
+
+        Transient objects and loaded sessions the RM does not account for are flushed
+        (but those present when the RM started: firmware may own them); sessions the RM had
+        loaded are saved again, or dropped (their owners get the evicted error) if lost.
+        """
+        for handle in self.tpm_handles(TPM_HT.TRANSIENT):
+            if handle not in self.baseline:
+                self.link.flush_quietly(handle)
+        loaded = set(self.tpm_handles(TPM_HT.HMAC_SESSION))
+        for handle in loaded:
+            # A session of the RM's that is loaded: whatever context the RM holds is stale.
+            if self.sessions.get(handle) is not None:
+                self.save_session_or_forget(handle)
+            elif handle not in self.baseline:
+                self.link.flush_quietly(handle)
+        for entry in self.sessions:
+            if entry.context is None and entry.handle not in loaded:
+                self.link.flush_quietly(entry.handle)
+                if entry.owner is not None:
+                    entry.owner.evicted.add(entry.handle)
+                self.sessions.forget(entry.handle)
+        self.reconcile_needed = False
+        log.info("reconciled the TPM with the RM's tables")
+
+    def tpm_handles(self, kind: int) -> list[int]:
+        """The TPM's own list of handles of one type (the RM's view, not a space's)."""
+        handles: list[int] = []
+        prop = kind << 24
+        while True:
+            more, data = build.parse_get_capability(
+                self.link.transmit(build.get_capability(TPM_CAP.HANDLES, prop, 254))
+            )
+            handles.extend(data.handles)
+            if not more or not data.handles:
+                return handles
+            prop = data.handles[-1] + 1
+
+    def sessions_named(self, commands: list[bytes]) -> set[int]:
+        """Session handles that these (not yet validated) commands name, as far as they parse."""
+        named: set[int] = set()
+        for command in commands:
+            attrs = self.table.lookup(int.from_bytes(command[6:10], "big")) if command else None
+            if attrs is None:
+                continue
+            try:
+                cmd = parse_command(command, _handle_count(cmd_code(command), attrs))
+            except TPMParseError:
+                continue
+            named.update(h for h in cmd.handles if is_session_handle(h))
+            named.update(s.sessionHandle for s in cmd.sessions)
+        return named
 
 
 def cmd_code(command: bytes) -> int:

@@ -1,4 +1,8 @@
-"""Run the benchmark sections, print Markdown tables, save JSON in bench/results/."""
+"""Run the benchmark sections; write Markdown, JSON and the chart in bench/results/.
+
+bench/results/latest.md (every table, with the date and the machine), latest.json,
+throughput.png, and a timestamped JSON per run (not committed).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import datetime
 import importlib
 import json
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -39,7 +44,7 @@ def _cell(value: Any) -> str:
         return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
-    return str(value)
+    return str(value).replace("|", "\\|")
 
 
 def _git_commit() -> str | None:
@@ -49,6 +54,28 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were taken on: they mean little without it."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory": memory,
+            "kernel": platform.release(), "python": sys.version.split()[0],
+            "host": platform.node(), "machine": platform.machine()}
 
 
 def run_section(name: str, quick: bool) -> dict[str, Any]:
@@ -61,41 +88,91 @@ def run_section(name: str, quick: bool) -> dict[str, Any]:
     except Exception:
         # One broken section must not hide the others' numbers.
         rows, error = [], traceback.format_exc()
-    return {"section": name, "title": title, "rows": rows, "error": error,
-            "seconds": round(time.monotonic() - start, 2)}
+    return {"section": name, "title": title, "notes": getattr(module, "NOTES", ""),
+            "rows": rows, "error": error, "seconds": round(time.monotonic() - start, 2)}
+
+
+def _section_markdown(result: dict[str, Any]) -> str:
+    parts = [f"## {result['title']}", "", markdown_table(result["rows"])]
+    if result.get("notes"):
+        parts += ["", result["notes"].rstrip()]
+    if result["error"]:
+        parts += ["", f"section failed:\n```\n{result['error']}```"]
+    parts += ["", f"_{result['section']}: {result['seconds']:.1f} s_"]
+    return "\n".join(parts)
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    head = [
+        f"# cusetpm benchmarks{' (--quick)' if report['quick'] else ''}",
+        "",
+        f"- date: {report['date']} (commit {report['commit']})",
+        f"- machine: {m['cpu']}, {m['cores']} cores, {m['memory']}, kernel {m['kernel']}, "
+        f"Python {m['python']}",
+        f"- total: {report['seconds']:.0f} s",
+        "",
+        "Benchmarks report; they do not assert. Ratios are taken within one run.",
+    ]
+    if report.get("chart"):
+        head += ["", f"![throughput]({Path(report['chart']).name})"]
+    return "\n".join(head + [""] + [_section_markdown(r) + "\n" for r in report["sections"]])
+
+
+def _chart(results: list[dict[str, Any]], out: Path, subtitle: str) -> str | None:
+    from bench.chart import draw
+
+    def rows_of(section: str) -> list[dict[str, Any]]:
+        return next((r["rows"] for r in results if r["section"] == section), [])
+
+    try:
+        path = draw(rows_of("bench.compare"), rows_of("bench.guest_bench"),
+                    out / "throughput.png", subtitle)
+    except Exception:
+        traceback.print_exc()
+        return None
+    return str(path) if path else None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
+    parser.add_argument("--quick", action="store_true",
+                        help="short runs, no guest boot (a smoke test, under a minute)")
     parser.add_argument("--only", action="append", metavar="SECTION",
-                        help="run only this section (e.g. backends); repeatable")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="JSON output directory")
+                        help="run only this section (e.g. compare); repeatable")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="output directory")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
     names = SECTIONS
     if args.only:
         names = [n for n in SECTIONS if n.rsplit(".", 1)[-1] in args.only or n in args.only]
+    started = time.monotonic()
+    now = datetime.datetime.now(datetime.UTC)
     results = []
     for name in names:
         result = run_section(name, args.quick)
         results.append(result)
-        print(f"\n## {result['title']}\n")
-        print(markdown_table(result["rows"]))
-        if result["error"]:
-            print(f"\nsection failed:\n```\n{result['error']}```")
+        print("\n" + _section_markdown(result), flush=True)
 
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-    report = {
-        "time": stamp, "quick": args.quick, "commit": _git_commit(),
-        "host": platform.node(), "python": sys.version.split()[0],
-        "machine": platform.machine(), "sections": results,
+    stamp = now.strftime("%Y%m%dT%H%M%SZ")
+    report: dict[str, Any] = {
+        "time": stamp, "date": now.strftime("%Y-%m-%d %H:%M UTC"), "quick": args.quick,
+        "commit": _git_commit(), "machine": machine(), "sections": results,
+        "seconds": round(time.monotonic() - started, 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)
+    m = report["machine"]
+    report["chart"] = _chart(results, args.out, f"{report['date']}, commit {report['commit']}, "
+                             f"{m['cpu']}, {m['cores']} cores, kernel {m['kernel']}")
+    text = json.dumps(report, indent=2) + "\n"
     path = args.out / f"bench-{stamp}{'-quick' if args.quick else ''}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nresults: {path}")
+    path.write_text(text)
+    (args.out / "latest.json").write_text(text)
+    (args.out / "latest.md").write_text(report_markdown(report))
+    print(f"\nresults: {args.out / 'latest.md'}, {path}"
+          + (f", {report['chart']}" if report["chart"] else "")
+          + f" ({report['seconds']:.0f} s)")
     return 1 if any(r["error"] for r in results) else 0
 
 

@@ -55,8 +55,21 @@ SUCCESS_RESPONSE = error_response(0)  # a bare 10-byte TPM_RC_SUCCESS
 NO_SESSION_ROOM = frozenset({TPM_RC.SESSION_HANDLES, TPM_RC.SESSION_MEMORY})
 
 
+# The TPM has no memory to load a context now (platform firmware may hold slots): nothing is
+# lost, the command is refused with the TPM's own code and may be retried.
+NO_MEMORY = frozenset({TPM_RC.OBJECT_MEMORY, TPM_RC.SESSION_MEMORY, TPM_RC.MEMORY})
+
+
 class SessionsExhausted(Exception):
     """A new session needs a free TPM session: the manager makes the command wait."""
+
+
+class NoTpmMemory(Exception):
+    """The RM's own ContextLoad found the TPM full; the context itself is fine."""
+
+    def __init__(self, rc: int):
+        super().__init__(f"TPM memory full: rc 0x{rc:x}")
+        self.rc = rc
 
 
 # Objects whose state changes with each command that uses them: always saved again.
@@ -115,7 +128,11 @@ class Executor:
         try:
             if self.reconcile_needed:
                 self.reconcile()
-            loaded = self.load(space, parsed)
+            try:
+                loaded = self.load(space, parsed)
+            except NoTpmMemory as exc:
+                log.warning("space %d: %s; %s refused", space.id, exc, cc_name(parsed.commandCode))
+                return error_response(exc.rc)
             response = self.link.transmit(self.map_command(command, parsed, loaded))
             if creates_session and _rc(response) in NO_SESSION_ROOM:
                 self.unload(loaded)  # someone outside the RM holds sessions too: wait as well
@@ -282,6 +299,8 @@ class Executor:
         try:
             return self.link.context_load(space.objects[vhandle].context)
         except ContextError as exc:
+            if rc_base(exc.rc) in NO_MEMORY:
+                raise NoTpmMemory(exc.rc) from exc
             space.drop_object(vhandle)
             raise _context_errno(space, exc, f"object 0x{vhandle:08x} lost") from exc
 
@@ -293,6 +312,8 @@ class Executor:
         try:
             loaded_as = self.link.context_load(entry.context)
         except ContextError as exc:
+            if rc_base(exc.rc) in NO_MEMORY:
+                raise NoTpmMemory(exc.rc) from exc
             # The context is useless now, but the TPM still counts the session: free it.
             self.link.flush_quietly(handle)
             self.sessions.forget(handle)

@@ -70,6 +70,8 @@ CONTEXT_FAILURES = [
     pytest.param(RC_REFERENCE_H0, errno.ENOENT, True, id="REFERENCE_H0"),
     pytest.param(RC_MEMORY, errno.EFAULT, False, id="MEMORY"),
 ]
+# A ContextLoad refused for lack of TPM memory loses nothing (see test_*_load_memory_full).
+CONTEXT_LOAD_FAILURES = CONTEXT_FAILURES[:-1]
 
 
 @pytest.fixture
@@ -134,7 +136,7 @@ def expect_loss_reported(
 # -- the RM's own ContextLoad / ContextSave / FlushContext refused ----------------------------
 
 
-@pytest.mark.parametrize(("rc", "err", "gone"), CONTEXT_FAILURES)
+@pytest.mark.parametrize(("rc", "err", "gone"), CONTEXT_LOAD_FAILURES)
 def test_object_context_load_failure(faulty, rc, err, gone):
     rm, tpm = faulty
     a, b = new_client(rm), new_client(rm)
@@ -157,7 +159,7 @@ def test_object_context_load_failure(faulty, rc, err, gone):
     assert_tpm_empty(rm)
 
 
-@pytest.mark.parametrize(("rc", "err", "gone"), CONTEXT_FAILURES)
+@pytest.mark.parametrize(("rc", "err", "gone"), CONTEXT_LOAD_FAILURES)
 def test_session_context_load_failure(faulty, rc, err, gone):
     rm, tpm = faulty
     a, b = new_client(rm), new_client(rm)
@@ -177,6 +179,41 @@ def test_session_context_load_failure(faulty, rc, err, gone):
     assert_space_works(a, b"a")
     for c in (a, b):
         rm.close_space(c.space)
+    assert_tpm_empty(rm)
+
+
+@pytest.mark.parametrize("rc", [RC_MEMORY, 0x902], ids=["MEMORY", "OBJECT_MEMORY"])
+def test_object_load_memory_full(faulty, rc):
+    """The TPM has no room for the RM's ContextLoad (firmware may hold slots the RM does not
+    own): the command is refused with the TPM's code, the object stays, a retry works."""
+    rm, tpm = faulty
+    a, b = new_client(rm), new_client(rm)
+    a1 = make_key(a, b"a1")
+    b1 = make_key(b, b"b1")
+    fault = tpm.fail(TPM_CC.ContextLoad, rc)
+    response = a.send(build.read_public(a1))
+    assert fault.fired == 1
+    assert rc_of(response) == rc
+    assert space_objects(a) == [a1]
+    assert_idle_tpm(rm, a, b)
+    a.read_public(a1)
+    b.read_public(b1)
+    for c in (a, b):
+        rm.close_space(c.space)
+    assert_tpm_empty(rm)
+
+
+def test_session_load_memory_full(faulty):
+    rm, tpm = faulty
+    a = new_client(rm)
+    s1 = a.start_session(TPM_SE.POLICY)
+    fault = tpm.fail(TPM_CC.ContextLoad, RC_MEMORY)
+    assert rc_of(a.send(policy_restart_command(s1))) == RC_MEMORY
+    assert fault.fired == 1
+    assert space_sessions(a) == [s1]
+    assert_idle_tpm(rm, a)
+    assert rc_of(a.send(policy_restart_command(s1))) == 0
+    rm.close_space(a.space)
     assert_tpm_empty(rm)
 
 

@@ -6,9 +6,17 @@ Both node kinds (CUSE device, FUSE-mounted file) share this class; the native la
 reply, or returns None and answers later through `Replies`, exactly once.
 
 Threads: handlers run on the session loop thread; completions run on the RM's worker
-thread.  Each open file has a lock guarding its state; replies and poll wake-ups are
-sent after the lock is dropped, because a reply can meet libfuse's request lock, which
-libfuse holds while it calls our interrupt hook (and that hook takes the file lock).
+thread, or on the loop thread itself when the RM ran the command inline (it was idle).
+Each open file has a lock guarding its state; replies and poll wake-ups are sent after
+the lock is dropped, because a reply can meet libfuse's request lock, which libfuse
+holds while it calls our interrupt hook (and that hook takes the file lock).
+
+Speed: a client's write/read loop costs two FUSE round trips per command, and the
+Python work per request is on that path.  So the common case -- a quick command while
+the RM is idle -- runs inside the write handler and is answered by its return value,
+and read and write allocate nothing beyond the response and take no lock but the
+file's.  `_files` and `_waiting` are read without `_lock`: a single dict lookup is
+atomic, and `_lock` only orders the changes.
 """
 
 from __future__ import annotations
@@ -18,11 +26,9 @@ import functools
 import itertools
 import logging
 import select
-import struct
 import threading
-import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -33,12 +39,11 @@ log = logging.getLogger(__name__)
 
 TPM_BUFSIZE = 4096  # the kernel's data_buffer: larger writes are E2BIG
 HEADER_SIZE = 10  # tag u16, size u32, code u32
-BUSY_WINDOW = 0.5  # seconds to wait out the RM marking a finished space idle (see _submit)
-# Commands always handed to the RM's worker, never run on the loop thread (see
-# _may_run_inline): those that can run long (key generation, self tests), so the loop stays
-# free to deliver FUSE_INTERRUPT (-> cancel); and those that can need a new TPM session,
-# which the RM makes wait for one -- the session that frees up may be another client's,
-# whose close must get through the loop meanwhile.
+# Commands always handed to the RM's worker, never run on the loop thread (the others run
+# inline when the RM is idle, see write): those that can run long (key generation, self
+# tests), so the loop stays free to deliver FUSE_INTERRUPT (-> cancel); and those that can
+# need a new TPM session, which the RM makes wait for one -- the session that frees up may
+# be another client's, whose close must get through the loop meanwhile.
 WORKER_ONLY_COMMANDS = frozenset(
     {TPM_CC.CreatePrimary, TPM_CC.Create, TPM_CC.CreateLoaded, TPM_CC.SelfTest,
      TPM_CC.IncrementalSelfTest, TPM_CC.StartAuthSession, TPM_CC.ContextLoad}
@@ -112,11 +117,8 @@ class TpmFileOps:
         self.replies = replies
         self._files: dict[int, OpenFile] = {}
         self._waiting: dict[Request, OpenFile] = {}  # deferred requests, for interrupts
-        self._lock = threading.Lock()  # guards the two dicts and _busy
+        self._lock = threading.Lock()  # orders changes to the two dicts
         self._fh = itertools.count(1)
-        # Commands and space closes this frontend has handed to the RM and not seen finish.
-        # Zero means the RM is idle (we are its only client): see _may_run_inline.
-        self._busy = 0
 
     # -- open / release -------------------------------------------------------------------
 
@@ -149,7 +151,6 @@ class TpmFileOps:
                 out.add(functools.partial(self.replies.err, read_req, errno.EBADF))
         out.send()
         log.debug("fh %d: released, closing space %d", fh, f.space.id)
-        self._count_busy(+1)
         try:
             closed = self.rm.close_space(f.space, wait=False)
         except Exception as e:
@@ -158,7 +159,6 @@ class TpmFileOps:
         closed.add_done_callback(functools.partial(self._released, f, req))
 
     def _released(self, f: OpenFile, req: Request | None, fut: Future[None]) -> None:
-        self._count_busy(-1)
         exc = fut.exception()
         if exc is not None:
             log.error("fh %d: closing space %d failed: %s", f.fh, f.space.id, exc)
@@ -172,117 +172,73 @@ class TpmFileOps:
 
         `data` holds the first min(size, TPM_BUFSIZE) bytes of the write.
         """
-        f = self._file(fh)
+        f = self._files.get(fh)
         if f is None:
             return -errno.EBADF
         if size > TPM_BUFSIZE:
             return -errno.E2BIG
-        out = _Outbox()
+        ph = None
         with f.lock:
             if f.in_flight or f.error is not None or (
                 f.response is not None and not f.read_started
             ):
                 return -errno.EBUSY
-            length = struct.unpack_from(">I", data, 2)[0] if size >= HEADER_SIZE else 0
+            length = int.from_bytes(data[2:6], "big") if size >= HEADER_SIZE else 0
             if size < HEADER_SIZE or length < HEADER_SIZE or size < length:
                 return -errno.EINVAL
-            was_ready = f.ready()
-            f.response, f.offset, f.read_started, f.error = None, 0, False, None
-            if was_ready:  # the unread rest is dropped: pollers now see POLLOUT
-                self._drop_poll_handle(f, out, notify=True)
+            if f.response is not None:  # the unread rest is dropped: pollers now see POLLOUT
+                ph, f.poll_handle = f.poll_handle, None
+            f.response, f.offset, f.read_started = None, 0, False
             f.in_flight = True
             f.write_req = None if nonblock else req
             f.write_size = size
-        out.send()
-        command = data[:length]
-        if self._may_run_inline(command):
-            return self._run_inline(f, command, size, nonblock)
-        if not nonblock:
-            with self._lock:
-                self._waiting[req] = f
-        self._count_busy(+1)
+        if ph is not None:
+            self.replies.poll_notify(ph)
+        command = data if length == size else data[:length]
+        code = int.from_bytes(command[6:10], "big")
         try:
-            fut = self._submit(f.space, command)
+            # When the RM is idle it runs the command right here and hands back a finished
+            # future: no hand-off to its worker and back, which costs more than most
+            # commands.  WORKER_ONLY_COMMANDS always queue (see there).
+            fut = self.rm.submit(
+                f.space, command, inline_if_idle=code not in WORKER_ONLY_COMMANDS
+            )
         except Exception as e:
-            self._count_busy(-1)
-            return self._submit_failed(f, req, e)
+            return self._submit_failed(f, e)
+        if fut.done():
+            return self._ran_inline(f, fut, size, nonblock)
+        with f.lock:
+            if f.write_req is req and not nonblock:
+                # Still waiting (the worker may have finished it already): let an interrupt
+                # find it.  No interrupt can come in between: it is served on this thread.
+                with self._lock:
+                    self._waiting[req] = f
         fut.add_done_callback(functools.partial(self._completed, f))
         return size if nonblock else None
 
-    def _may_run_inline(self, command: bytes) -> bool:
-        """A quick command while the RM is idle runs on the loop thread itself.
+    def _ran_inline(self, f: OpenFile, fut: Future[bytes], size: int, nonblock: bool) -> int:
+        """The command ran on this thread: answer the write (and prepare the read) now.
 
-        Handing it to the RM's worker and answering from there costs two thread hops (and
-        GIL hand-offs) that are several times the RM's own work for most commands; with
-        the TPM idle, running it here changes no order.  WORKER_ONLY_COMMANDS still go to
-        the worker: while the loop thread runs a command it serves no other request.
-        `_busy` counts only this frontend's work: it assumes it is the RM's one client
-        (true in `cusetpm serve`); if not, transmit() merely waits its turn.
+        Nothing else of this file can have happened meanwhile: its reads and polls are
+        served by this very thread.
         """
-        code = int.from_bytes(command[6:10], "big")
-        with self._lock:
-            return self._busy == 0 and code not in WORKER_ONLY_COMMANDS
-
-    def _run_inline(self, f: OpenFile, command: bytes, size: int, nonblock: bool) -> int:
-        """Run the command now; the write's answer (and, O_NONBLOCK, the read's) is ready."""
-        response, err = None, None
-        try:
-            response = self._transmit(f.space, command)
-        except RMError as e:
-            err = e.errno or errno.EIO
-            log.info("fh %d space %d: command failed with errno %d: %s",
-                     f.fh, f.space.id, err, e)
-        except Exception:
-            log.exception("fh %d space %d: command failed", f.fh, f.space.id)
-            err = errno.EIO
-        out = _Outbox()
+        response, err = _outcome(f, fut)
+        ph = None
         with f.lock:
             f.in_flight, f.write_req = False, None
             if response is not None:
                 f.response = response
             elif nonblock:
                 f.error = err
-            if f.poll_handle is not None:
-                self._drop_poll_handle(f, out, notify=True)
-        out.send()
+            if f.poll_handle is not None:  # an O_NONBLOCK client polls: POLLIN now
+                ph, f.poll_handle = f.poll_handle, None
+        if ph is not None:
+            self.replies.poll_notify(ph)
         if response is None and not nonblock:
             return -(err or errno.EIO)
         return size
 
-    def _transmit(self, space: Space, command: bytes) -> bytes:
-        """rm.transmit with the same EBUSY window as _submit."""
-        deadline = time.monotonic() + BUSY_WINDOW
-        while True:
-            try:
-                return self.rm.transmit(space, command)
-            except RMError as e:
-                if e.errno != errno.EBUSY or time.monotonic() > deadline:
-                    raise
-            time.sleep(0)
-
-    def _count_busy(self, delta: int) -> None:
-        with self._lock:
-            self._busy += delta
-
-    def _submit(self, space: Space, command: bytes) -> Future[bytes]:
-        """rm.submit, riding out the RM's short window after our previous command.
-
-        The RM completes a command's future (which runs _completed and lets the client
-        write again) before it marks the space idle, so a quick client can meet a
-        transient EBUSY from the RM although this file has nothing in flight (we check
-        that ourselves, under the file lock).  The window is a few lines of the RM's
-        worker: yield the GIL until it closes.
-        """
-        deadline = time.monotonic() + BUSY_WINDOW
-        while True:
-            try:
-                return self.rm.submit(space, command)
-            except RMError as e:
-                if e.errno != errno.EBUSY or time.monotonic() > deadline:
-                    raise
-            time.sleep(0)
-
-    def _submit_failed(self, f: OpenFile, req: Request, exc: Exception) -> int:
+    def _submit_failed(self, f: OpenFile, exc: Exception) -> int:
         err = exc.errno if isinstance(exc, RMError) and exc.errno else errno.EIO
         log.log(
             logging.WARNING if isinstance(exc, RMError) else logging.ERROR,
@@ -290,13 +246,10 @@ class TpmFileOps:
         )
         with f.lock:
             f.in_flight, f.write_req = False, None
-        with self._lock:
-            self._waiting.pop(req, None)
         return -err
 
     def _completed(self, f: OpenFile, fut: Future[bytes]) -> None:
         """RM worker thread: the command finished (response or errno)."""
-        self._count_busy(-1)
         response, err = _outcome(f, fut)
         out = _Outbox()
         with f.lock:
@@ -326,23 +279,25 @@ class TpmFileOps:
 
     def read(self, req: Request, fh: int, size: int, nonblock: bool) -> bytes | int | None:
         """Returns bytes or -errno to answer now, None when answered later."""
-        f = self._file(fh)
+        f = self._files.get(fh)
         if f is None:
             return -errno.EBADF
-        out = _Outbox()
+        ph = None
         with f.lock:
-            if not f.ready() and f.in_flight:
+            if f.response is None and f.error is None:
+                if not f.in_flight:
+                    return b""  # nothing pending: 0 at once, even when blocking (never EAGAIN)
                 # The kernel's reader would sleep on the buffer mutex while the TPM works
                 # on this file's command, then get the response: so do we.
                 f.waiting_reads.append((req, size))
                 with self._lock:
                     self._waiting[req] = f
                 return None
-            was_ready = f.ready()
             result = self._take(f, size)
-            if was_ready and not f.ready():  # pollers waiting for POLLOUT may go on
-                self._drop_poll_handle(f, out, notify=True)
-        out.send()
+            if f.poll_handle is not None and not f.ready():
+                ph, f.poll_handle = f.poll_handle, None  # pollers waiting for POLLOUT go on
+        if ph is not None:
+            self.replies.poll_notify(ph)
         return result
 
     def _take(self, f: OpenFile, size: int) -> bytes | int:
@@ -350,12 +305,16 @@ class TpmFileOps:
         if f.error is not None:
             err, f.error = f.error, None
             return -err
-        if f.response is None:
-            return b""  # nothing pending: 0 at once, even when blocking (never EAGAIN)
+        response = f.response
+        if response is None:
+            return b""
         f.read_started = True
-        chunk = f.response[f.offset : f.offset + size]
+        if f.offset == 0 and size >= len(response):
+            f.response = None  # the whole response at once (the usual read): no copy
+            return response
+        chunk = response[f.offset : f.offset + size]
         f.offset += len(chunk)
-        if size == 0 or f.offset >= len(f.response):
+        if size == 0 or f.offset >= len(response):
             f.response, f.offset = None, 0  # read(fd, buf, 0) discards, as the kernel
         return chunk
 
@@ -377,7 +336,7 @@ class TpmFileOps:
 
     def poll(self, fh: int, ph: PollHandle | None) -> int:
         """Readiness now; keep ph to wake the poller when the command completes."""
-        f = self._file(fh)
+        f = self._files.get(fh)
         if f is None:
             if ph is not None:
                 self.replies.poll_destroy(ph)
@@ -457,21 +416,19 @@ class TpmFileOps:
         with self._lock:
             return len(self._files)
 
-    def _file(self, fh: int) -> OpenFile | None:
-        with self._lock:
-            return self._files.get(fh)
-
 
 def _outcome(f: OpenFile, fut: Future[bytes]) -> tuple[bytes | None, int | None]:
     """(response, None) or (None, errno) from a finished RM future."""
-    if fut.cancelled():
+    try:
+        return fut.result(), None  # finished: never waits; one lock instead of three
+    except CancelledError:
         return None, errno.EINTR
-    exc = fut.exception()
-    if exc is None:
-        return fut.result(), None
-    if isinstance(exc, RMError) and exc.errno:
-        log.info("fh %d space %d: command failed with errno %d: %s",
-                 f.fh, f.space.id, exc.errno, exc)
-        return None, exc.errno
-    log.error("fh %d space %d: command failed: %r", f.fh, f.space.id, exc)
+    except RMError as exc:
+        if exc.errno:
+            log.info("fh %d space %d: command failed with errno %d: %s",
+                     f.fh, f.space.id, exc.errno, exc)
+            return None, exc.errno
+        log.error("fh %d space %d: command failed: %r", f.fh, f.space.id, exc)
+    except Exception as exc:
+        log.error("fh %d space %d: command failed: %r", f.fh, f.space.id, exc)
     return None, errno.EIO

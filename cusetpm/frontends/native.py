@@ -21,6 +21,7 @@ from cusetpm.frontends.spec import NodeSpec
 log = logging.getLogger(__name__)
 
 SHIM_ABI = 2
+O_NONBLOCK = os.O_NONBLOCK  # a module global: read and write test it on every request
 
 
 class NativeReplies:
@@ -167,7 +168,7 @@ def cusetpm_py_open(userdata: Any, flags: int, uid: int, gid: int, pid: int) -> 
 @ffi.def_extern()
 def cusetpm_py_read(userdata: Any, req: Request, fh: int, size: int, flags: int) -> None:
     try:
-        result = _session(userdata).ops.read(req, fh, size, bool(flags & os.O_NONBLOCK))
+        result = _session(userdata).ops.read(req, fh, size, flags & O_NONBLOCK != 0)
         if result is None:
             return
         if isinstance(result, bytes):
@@ -183,8 +184,10 @@ def cusetpm_py_write(
     userdata: Any, req: Request, fh: int, buf: Any, size: int, flags: int
 ) -> None:
     try:
-        data = ffi.buffer(buf, min(size, TPM_BUFSIZE))[:]
-        result = _session(userdata).ops.write(req, fh, data, size, bool(flags & os.O_NONBLOCK))
+        # ffi.unpack makes the bytes in one step (ffi.buffer(...)[:] builds a buffer object
+        # first); a write beyond TPM_BUFSIZE is refused, so only that much is ever needed.
+        data = ffi.unpack(buf, size if size < TPM_BUFSIZE else TPM_BUFSIZE)
+        result = _session(userdata).ops.write(req, fh, data, size, flags & O_NONBLOCK != 0)
         if result is None:
             return
         if result >= 0:

@@ -298,3 +298,46 @@ def test_session_waiter_is_served_when_another_file_closes(node: str) -> None:
         os.close(waiter)
         for fd in holders:
             os.close(fd)
+
+
+@pytest.mark.parametrize("nonblock", [False, True], ids=["blocking", "O_NONBLOCK"])
+def test_next_write_right_after_read_is_never_ebusy(node: str, nonblock: bool) -> None:
+    """A client that writes its next command the moment it has read a response never
+    meets EBUSY: the RM marks the space idle before it completes the command, on either
+    path -- inline on the loop thread (GetRandom on an idle RM), or on the RM's worker
+    (StartAuthSession always; GetRandom too while a second client keeps the RM busy)."""
+    import threading
+
+    stop = threading.Event()
+
+    def keep_the_rm_busy() -> None:
+        other = os.open(node, os.O_RDWR)
+        try:
+            while not stop.is_set():
+                os.write(other, wire.get_random(8))
+                os.read(other, 4096)
+        finally:
+            os.close(other)
+
+    busy = threading.Thread(target=keep_the_rm_busy)
+    fd = os.open(node, os.O_RDWR | (os.O_NONBLOCK if nonblock else 0))
+
+    def transact(command: bytes) -> bytes:
+        os.write(fd, command)  # EBUSY here would raise
+        if nonblock:
+            assert poll_once(fd, select.POLLIN, 5000) & select.POLLIN
+        response = os.read(fd, 4096)
+        assert wire.rc(response) == 0, hex(wire.rc(response))
+        return response
+
+    busy.start()
+    try:
+        for _ in range(300):
+            session = int.from_bytes(transact(wire.start_hmac_session())[10:14], "big")
+            transact(wire.flush_context(session))
+            for _ in range(5):
+                transact(wire.get_random(8))
+    finally:
+        stop.set()
+        busy.join(10)
+        os.close(fd)

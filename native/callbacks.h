@@ -13,10 +13,15 @@ void cusetpm_py_ready(void *userdata);
 int64_t cusetpm_py_open(void *userdata, int flags, uint32_t uid, uint32_t gid, uint32_t pid);
 
 /* read/write: `flags` are the file's current f_flags (O_NONBLOCK may change with fcntl).
- * Python answers `req` (now or later) with cusetpm_reply_*. */
-void cusetpm_py_read(void *userdata, void *req, uint64_t fh, size_t size, int flags);
-void cusetpm_py_write(void *userdata, void *req, uint64_t fh, const char *buf, size_t size,
-                      int flags);
+ * The answer most requests get at once comes back as the return value and the shim sends
+ * it after Python returns (one call into Python per request, and the reply's writev runs
+ * without the GIL): read returns the byte count it copied to `out` (at most
+ * CUSETPM_READ_MAX), write the count to report; both a negative errno; or
+ * CUSETPM_DEFERRED: Python keeps `req` and answers it later with cusetpm_reply_*. */
+int64_t cusetpm_py_read(void *userdata, void *req, uint64_t fh, size_t size, int flags,
+                        char *out);
+int64_t cusetpm_py_write(void *userdata, void *req, uint64_t fh, const char *buf, size_t size,
+                         int flags);
 
 /* Returns the revents; keeps `ph` (may be NULL) until it calls cusetpm_poll_notify or
  * cusetpm_poll_destroy on it. */

@@ -53,7 +53,7 @@ struct cusetpm_session {
 
 int cusetpm_shim_abi(void)
 {
-	return 2;
+	return 3;
 }
 
 /* ---- session I/O: a read that can be woken, a plain writev ---- */
@@ -127,20 +127,35 @@ static void file_open(fuse_req_t req, struct fuse_file_info *fi)
 static void file_read(fuse_req_t req, size_t size, off_t off, struct fuse_file_info *fi)
 {
 	struct cusetpm_session *s = req_session(req);
+	char out[CUSETPM_READ_MAX];
+	int64_t r;
 
 	(void)off; /* CUSE always passes 0: the read offset lives with the open file */
 	fuse_req_interrupt_func(req, on_interrupt, s);
-	cusetpm_py_read(s->userdata, req, fi->fh, size, fi->flags);
+	r = cusetpm_py_read(s->userdata, req, fi->fh, size, fi->flags, out);
+	if (r == CUSETPM_DEFERRED)
+		return;
+	if (r < 0)
+		fuse_reply_err(req, (int)-r);
+	else
+		fuse_reply_buf(req, out, (size_t)r);
 }
 
 static void file_write(fuse_req_t req, const char *buf, size_t size, off_t off,
 		       struct fuse_file_info *fi)
 {
 	struct cusetpm_session *s = req_session(req);
+	int64_t r;
 
 	(void)off;
 	fuse_req_interrupt_func(req, on_interrupt, s);
-	cusetpm_py_write(s->userdata, req, fi->fh, buf, size, fi->flags);
+	r = cusetpm_py_write(s->userdata, req, fi->fh, buf, size, fi->flags);
+	if (r == CUSETPM_DEFERRED)
+		return;
+	if (r < 0)
+		fuse_reply_err(req, (int)-r);
+	else
+		fuse_reply_write(req, (size_t)r);
 }
 
 static void file_flush(fuse_req_t req, struct fuse_file_info *fi)

@@ -15,6 +15,11 @@ struct cusetpm_session;
 /* Bumped whenever the Python side must change with the shim. */
 int cusetpm_shim_abi(void);
 
+/* A read or write callback's return value meaning "answered later" (errnos are > -4096). */
+#define CUSETPM_DEFERRED -1073741824
+/* The room a read callback has for its answer: a TPM response is at most 4096 bytes. */
+#define CUSETPM_READ_MAX 4096
+
 /* A CUSE device /dev/<devname>.  userdata is passed back to every callback.
  * Returns NULL (and logs through fuse_log) on failure; errno is set. */
 struct cusetpm_session *cusetpm_cuse_new(const char *devname, void *userdata, int debug);

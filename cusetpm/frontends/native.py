@@ -20,7 +20,9 @@ from cusetpm.frontends.spec import NodeSpec
 
 log = logging.getLogger(__name__)
 
-SHIM_ABI = 2
+SHIM_ABI = 3
+DEFERRED = lib.CUSETPM_DEFERRED  # a read/write callback's "answered later"
+READ_MAX = lib.CUSETPM_READ_MAX  # the room a read callback has for its answer
 O_NONBLOCK = os.O_NONBLOCK  # a module global: read and write test it on every request
 
 
@@ -140,12 +142,6 @@ def _session(userdata: Any) -> NodeSession:
     return session
 
 
-def _fail(req: Request, what: str) -> None:
-    log.exception("%s failed", what)
-    try:
-        lib.cusetpm_reply_err(req, errno.EIO)
-    except Exception:
-        log.exception("answering EIO failed")
 
 
 @ffi.def_extern()
@@ -165,37 +161,45 @@ def cusetpm_py_open(userdata: Any, flags: int, uid: int, gid: int, pid: int) -> 
         return -errno.EIO
 
 
+# read and write return their immediate answer to the shim, which sends it once Python
+# has returned: one call into Python per request, and the reply's writev (which wakes the
+# client) is the last thing done for the request.  Unanswered on an exception: the shim
+# answers EIO.
+
+
 @ffi.def_extern()
-def cusetpm_py_read(userdata: Any, req: Request, fh: int, size: int, flags: int) -> None:
+def cusetpm_py_read(
+    userdata: Any, req: Request, fh: int, size: int, flags: int, out: Any
+) -> int:
     try:
         result = _session(userdata).ops.read(req, fh, size, flags & O_NONBLOCK != 0)
-        if result is None:
-            return
-        if isinstance(result, bytes):
-            lib.cusetpm_reply_buf(req, result, len(result))
-        else:
-            lib.cusetpm_reply_err(req, -result)
     except Exception:
-        _fail(req, "read")
+        log.exception("read failed")
+        return -errno.EIO
+    if result is None:
+        return DEFERRED
+    if isinstance(result, bytes):
+        if len(result) > READ_MAX:  # never: a response fits the kernel's 4096-byte buffer
+            log.error("fh %d: a %d-byte answer does not fit a read", fh, len(result))
+            return -errno.EIO
+        ffi.memmove(out, result, len(result))
+        return len(result)
+    return result
 
 
 @ffi.def_extern()
 def cusetpm_py_write(
     userdata: Any, req: Request, fh: int, buf: Any, size: int, flags: int
-) -> None:
+) -> int:
     try:
         # ffi.unpack makes the bytes in one step (ffi.buffer(...)[:] builds a buffer object
         # first); a write beyond TPM_BUFSIZE is refused, so only that much is ever needed.
         data = ffi.unpack(buf, size if size < TPM_BUFSIZE else TPM_BUFSIZE)
         result = _session(userdata).ops.write(req, fh, data, size, flags & O_NONBLOCK != 0)
-        if result is None:
-            return
-        if result >= 0:
-            lib.cusetpm_reply_write(req, result)
-        else:
-            lib.cusetpm_reply_err(req, -result)
     except Exception:
-        _fail(req, "write")
+        log.exception("write failed")
+        return -errno.EIO
+    return DEFERRED if result is None else result
 
 
 @ffi.def_extern()

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Protocol
 
 from bench.workloads import Transmit, flush_all
+from cusetpm.backends.base import BackendError
 from cusetpm.backends.swtpm import SwtpmBackend, SwtpmProcess, free_port_pair
 from cusetpm.rm import ResourceManager, RMConfig
 
@@ -90,9 +91,21 @@ def rss_kib(pid: int | None = None) -> int:
 @contextmanager
 def swtpm(workdir: Path) -> Iterator[SwtpmProcess]:
     """A `swtpm socket` on TCP, started up once (every system then sees TPM_RC_INITIALIZE)."""
-    with SwtpmProcess(workdir / "swtpm-state") as proc:
+    # free_port_pair has failed ("no free pair of TCP ports") on a machine busy with other
+    # runs' connections; a moment later it finds one.
+    for attempt in range(5):
+        try:
+            proc = SwtpmProcess(workdir / "swtpm-state").start()
+            break
+        except BackendError:
+            if attempt == 4:
+                raise
+            time.sleep(1.0)
+    try:
         proc.backend().close()  # Startup(CLEAR)
         yield proc
+    finally:
+        proc.stop()
 
 
 # --- the systems --------------------------------------------------------------------------

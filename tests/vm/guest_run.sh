@@ -45,7 +45,9 @@ cd "$project" || exit 92
 # Write the log to the shared dir (it survives a timeout), then show it on the
 # console, which the harness captures; plain sh has no pipefail, hence no tee.
 # basetemp goes to the guest's /tmp overlay: it is writable and thrown away.
-"$python" -m pytest -p no:cacheprovider \
+# No hypothesis plugin: no guest test uses it, and importing it costs seconds here.
+# -v and --durations: the log shows what ran and where the guest's minutes went.
+"$python" -m pytest -p no:cacheprovider -p no:hypothesispytest -v --durations=12 \
     --basetemp=/tmp/cusetpm-vm-pytest \
     --junitxml="$rwdir/junit.xml" \
     "$@" >"$rwdir/pytest.log" 2>&1

@@ -1,25 +1,37 @@
 """Fixtures for tests that run inside the guest kernel (root, cuse.ko, tpm_vtpm_proxy.ko).
 
+* ``cuse_daemon`` / ``cusetpm_cuse_node``: one ``cusetpm serve --name tpmrm42`` for
+  the whole guest session, serving a CUSE node on the embedded libtpms TPM.  Starting
+  Python and libtpms costs seconds under TCG, so tests share it and get isolation the
+  way real clients do, from their own descriptors (one space each).  It runs with
+  ``--max-spaces`` so a test can count free spaces (``free_spaces``), and logs at INFO
+  so a test can see what the daemon did (``CuseDaemon.log_since``).
 * ``kernel_tpmrm``: the kernel's own resource manager on a fresh swtpm, through
-  ``tpm_vtpm_proxy`` -- the reference for side-by-side behaviour and speed.
-* ``cusetpm_cuse_node``: cusetpm serving a CUSE node on the embedded libtpms TPM.
-  It skips (with the reason) while ``cusetpm serve`` has no CUSE frontend yet,
-  and fails if the frontend exists but does not come up.
+  ``tpm_vtpm_proxy`` -- the reference for side-by-side behaviour, and the node
+  ``cusetpm serve`` must not take over.
+* ``udev_isolated``: the guest sees the host's ``/lib/udev/rules.d``; Debian's
+  tpm-udev package ships ``60-tpm-udev.rules``, which matches *any* ``tpmrm[0-9]*``
+  node (no SUBSYSTEM test), cusetpm's included.  It is masked in the guest's throw-away
+  ``/etc`` overlay for the session, so the node shows what cusetpm and the project's
+  own rule (tests/vm/guest/test_cuse_udev.py) do, not what a distribution rule does.
 
-Both yield the node's path (a ``/dev/...`` string).  Timeouts are generous: the
-guest runs under TCG, where Python is 10-40x slower than on the host.
+Timeouts are generous: the guest runs under TCG, where Python is 10-40x slower than
+on the host.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -28,12 +40,21 @@ IN_GUEST = os.environ.get("CUSETPM_VM_GUEST") == "1"
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
 SWTPM_START_TIMEOUT = 60.0
-CUSETPM_START_TIMEOUT = 120.0
-STOP_TIMEOUT = 15.0
+CUSETPM_START_TIMEOUT = 180.0
+STOP_TIMEOUT = 30.0
+UDEV_SETTLE_TIMEOUT = 60
 
-CUSE_NODE_NAME = "tpmrm-cusetpm-test"
+# A tpmrm[0-9]* name, as a real deployment would use (the project's udev rule matches
+# only those), but far above what tpm_vtpm_proxy hands out (tpmrm0, tpmrm1, ...).
+CUSE_NODE_NAME = "tpmrm42"
+# The shared daemon's --max-spaces: above the 64 + a few descriptors that
+# tests/frontends/test_semantics.py holds at once, low enough to fill in a test.
+CUSE_MAX_SPACES = 96
 # `cusetpm serve` prints this once the node accepts commands (cusetpm/serve.py).
 SERVING_LINE = b"cusetpm: serving "
+
+UDEV_SYSTEM_RULES = (Path("/usr/lib/udev/rules.d"), Path("/lib/udev/rules.d"))
+UDEV_ETC_RULES = Path("/etc/udev/rules.d")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -52,6 +73,21 @@ def modprobe(module: str) -> None:
     proc = subprocess.run(["modprobe", module], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         pytest.fail(f"modprobe {module} failed ({proc.returncode}): {proc.stderr.strip()}")
+
+
+def udevadm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run udevadm; fail the test with its output if it fails."""
+    proc = subprocess.run(
+        ["udevadm", *args], capture_output=True, text=True, check=False, timeout=timeout
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"udevadm {' '.join(args)} failed ({proc.returncode}):\n"
+                    f"{proc.stdout}{proc.stderr}")
+    return proc
+
+
+def udev_settle() -> None:
+    udevadm("settle", f"--timeout={UDEV_SETTLE_TIMEOUT}")
 
 
 def wait_for_path(path: Path, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> bool:
@@ -104,8 +140,54 @@ def _read_until(proc: subprocess.Popen[bytes], pattern: re.Pattern[str], timeout
     return seen
 
 
+# -- udev -------------------------------------------------------------------------------
+
+
+def _matches_tpmrm(rules: Path) -> bool:
+    lines = rules.read_text(errors="replace").splitlines()
+    return any("tpmrm" in line for line in lines if not line.lstrip().startswith("#"))
+
+
+@pytest.fixture(scope="session")
+def udev_isolated() -> Iterator[list[str]]:
+    """Mask the distribution's udev rules that match tpmrm* nodes; yields their names.
+
+    Fails if udevd does not answer: every CUSE attribute test depends on knowing
+    which rules ran.
+    """
+    ping = subprocess.run(["udevadm", "control", "--ping"], capture_output=True, text=True,
+                          check=False, timeout=60)
+    if ping.returncode != 0:
+        pytest.fail(f"systemd-udevd does not answer in the guest: {ping.stderr.strip()}")
+    masked: list[Path] = []
+    seen: set[str] = set()
+    for directory in UDEV_SYSTEM_RULES:
+        if not directory.is_dir():
+            continue
+        for rules in sorted(directory.glob("*.rules")):
+            if rules.name in seen or not _matches_tpmrm(rules):
+                continue
+            seen.add(rules.name)
+            mask = UDEV_ETC_RULES / rules.name
+            if mask.exists() or mask.is_symlink():
+                continue  # already overridden in /etc
+            UDEV_ETC_RULES.mkdir(parents=True, exist_ok=True)
+            mask.symlink_to("/dev/null")  # udev's documented way to disable a rules file
+            masked.append(mask)
+    udevadm("control", "--reload")
+    try:
+        yield [m.name for m in masked]
+    finally:
+        for mask in masked:
+            mask.unlink(missing_ok=True)
+        subprocess.run(["udevadm", "control", "--reload"], check=False, timeout=60)
+
+
+# -- the kernel's resource manager --------------------------------------------------------
+
+
 @pytest.fixture
-def kernel_tpmrm(tmp_path: Path) -> Iterator[str]:
+def kernel_tpmrm(tmp_path: Path, udev_isolated: list[str]) -> Iterator[str]:
     """The kernel's /dev/tpmrmN on a fresh swtpm behind tpm_vtpm_proxy; swtpm is stopped after.
 
     swtpm prints ``New TPM device: /dev/tpmN (major/minor = ...)``; the kernel
@@ -146,96 +228,159 @@ def kernel_tpmrm(tmp_path: Path) -> Iterator[str]:
         stop_process(proc)
 
 
+# -- cusetpm over CUSE --------------------------------------------------------------------
+
+
+def serve_command(name: str, state: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "cusetpm", "serve", "--backend", "libtpms",
+        "--state-dir", str(state), "--name", name, *extra,
+    ]
+
+
+@dataclass
+class CuseDaemon:
+    """One `cusetpm serve --name NAME` subprocess, its output going to ``log``."""
+
+    name: str
+    state: Path
+    log: Path
+    extra: tuple[str, ...] = ()
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    serving_after: float = 0.0  # seconds from spawn to the serving line
+    node_stat: os.stat_result | None = None  # the node once udev settled after start
+    stopped_rc: int | None = field(default=None)
+
+    @property
+    def path(self) -> str:
+        return f"/dev/{self.name}"
+
+    def spawn(self) -> CuseDaemon:
+        self.state.mkdir(parents=True, exist_ok=True)
+        # A file, not a pipe: nobody reads the daemon's log while tests run, and a
+        # full pipe would block it mid-command.
+        with self.log.open("wb") as logfile:
+            self.proc = subprocess.Popen(
+                serve_command(self.name, self.state, *self.extra),
+                stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
+                cwd=PROJECT_ROOT,
+            )
+        self.started_at = time.monotonic()
+        return self
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def log_size(self) -> int:
+        return self.log.stat().st_size if self.log.exists() else 0
+
+    def log_since(self, offset: int) -> str:
+        with self.log.open("rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+
+    def settle(self, timeout: float = CUSETPM_START_TIMEOUT) -> bool:
+        """Wait until it serves (True) or exits (False); False on timeout too."""
+        assert self.proc is not None
+        node = Path(self.path)
+        deadline = self.started_at + timeout
+        while time.monotonic() < deadline:
+            if node.exists() and SERVING_LINE in self.log.read_bytes():
+                self.serving_after = time.monotonic() - self.started_at
+                return True
+            if self.proc.poll() is not None:
+                return False
+            time.sleep(0.05)
+        return False
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        stop_process(self.proc, log=self.log)
+        self.stopped_rc = self.proc.returncode
+        return self.stopped_rc
+
+
+def start_cuse_daemon(name: str, base: Path, *extra: str) -> CuseDaemon:
+    """Start a daemon and wait for it to serve; fail the test with its output if it does not."""
+    daemon = CuseDaemon(name, base / f"state-{name}", base / f"serve-{name}.log", extra)
+    daemon.spawn()
+    if not daemon.settle():
+        daemon.stop()
+        pytest.fail(
+            f"cusetpm serve --name {name} did not serve /dev/{name} within "
+            f"{CUSETPM_START_TIMEOUT:.0f} s (exit status {daemon.stopped_rc}):\n{daemon.output()}"
+        )
+    udev_settle()  # whatever udev does to the node happens before anyone looks at it
+    daemon.node_stat = os.stat(daemon.path)
+    return daemon
+
+
 @pytest.fixture(scope="session")
-def cusetpm_serves_cuse() -> str | None:
-    """None if ``cusetpm serve`` has a CUSE frontend, else why not (asked once per boot:
-    each guest Python start costs seconds under TCG)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "cusetpm", "serve", "--help"],
-        capture_output=True,
-        text=True,
-        cwd=PROJECT_ROOT,
-        check=False,
-        timeout=CUSETPM_START_TIMEOUT,
-    )
-    if proc.returncode != 0:
-        # The CLI itself is broken: that is a failure, not "not there yet".
-        pytest.fail(f"`cusetpm serve --help` failed ({proc.returncode}):\n{proc.stderr}")
-    if "--name" not in proc.stdout:
-        return "cusetpm serve cannot serve CUSE yet (no --name option in `cusetpm serve --help`)"
-    return None
+def cuse_daemon(
+    tmp_path_factory: pytest.TempPathFactory, udev_isolated: list[str]
+) -> Iterator[CuseDaemon]:
+    """cusetpm serving /dev/tpmrm42 over CUSE on libtpms, for the whole guest session.
 
-
-def _wait_serving(proc: subprocess.Popen[bytes], node: Path, log: Path, timeout: float) -> bool:
-    """Wait for the node to exist and for the daemon's "serving" line (its ready signal:
-    the node can appear before the daemon takes commands)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if node.exists() and SERVING_LINE in log.read_bytes():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.05)
-    return False
-
-
-@pytest.fixture(scope="module")
-def cusetpm_cuse_node(
-    tmp_path_factory: pytest.TempPathFactory, cusetpm_serves_cuse: str | None
-) -> Iterator[str]:
-    """cusetpm serving /dev/tpmrm-cusetpm-test over CUSE on the embedded libtpms TPM.
-
-    One daemon per test module: starting Python and libtpms costs seconds under
-    TCG.  Tests get isolation the way real clients do, from their own open file
-    descriptors (one space each).
-
-    Skips only while the CUSE frontend has not landed (``cusetpm serve`` has no
-    ``--name`` option).  Once it has, a daemon that exits or never shows its node
-    fails with the daemon's output.
+    A daemon that never shows its node fails with its output; one that dies while
+    serving, or does not stop cleanly on SIGTERM (exit 0, node gone), errors at the end.
     """
-    if cusetpm_serves_cuse is not None:
-        pytest.skip(cusetpm_serves_cuse)
-    python = sys.executable
-    node = Path("/dev") / CUSE_NODE_NAME
-    tmp_path = tmp_path_factory.mktemp("cusetpm")
-    state = tmp_path / "cusetpm-state"
-    state.mkdir()
-    # A file, not a pipe: nobody reads the daemon's log while tests run, and a
-    # full pipe would block it mid-command.
-    log = tmp_path / "cusetpm-serve.log"
-    logfile = log.open("wb")
-    proc = subprocess.Popen(
-        [
-            python,
-            "-m",
-            "cusetpm",
-            "serve",
-            "--backend",
-            "libtpms",
-            "--state-dir",
-            str(state),
-            "--name",
-            CUSE_NODE_NAME,
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=logfile,
-        stderr=subprocess.STDOUT,
-        cwd=PROJECT_ROOT,
+    if not Path("/dev/cuse").exists():
+        modprobe("cuse")
+    base = tmp_path_factory.mktemp("cusetpm")
+    daemon = start_cuse_daemon(
+        CUSE_NODE_NAME, base, "--log-level", "INFO", "--max-spaces", str(CUSE_MAX_SPACES)
     )
-    logfile.close()  # the child has its own copy
-    if not _wait_serving(proc, node, log, CUSETPM_START_TIMEOUT):
-        out = stop_process(proc, log=log)
-        pytest.fail(
-            f"cusetpm serve --name {CUSE_NODE_NAME} did not serve {node} within "
-            f"{CUSETPM_START_TIMEOUT:.0f} s (exit status {proc.returncode}):\n{out}"
-        )
     try:
-        yield str(node)
+        yield daemon
     finally:
-        died = proc.poll()  # before we stop it: did it die while serving?
-        out = stop_process(proc, log=log)
-    if died is not None or proc.returncode not in (0, -signal.SIGTERM):
+        died = daemon.proc.poll() if daemon.proc else None  # before we stop it
+        rc = daemon.stop()
+    if died is not None or rc != 0:
         pytest.fail(
-            f"cusetpm serve exited with {proc.returncode} (died while serving: "
-            f"{died is not None}):\n{out}"
+            f"cusetpm serve exited with {rc} (died while serving: {died is not None}):\n"
+            f"{daemon.output()}"
         )
+    if os.path.exists(daemon.path):
+        pytest.fail(f"{daemon.path} is still there after the daemon stopped")
+
+
+@pytest.fixture(scope="session")
+def cusetpm_cuse_node(cuse_daemon: CuseDaemon) -> str:
+    """The shared daemon's node path (``/dev/tpmrm42``)."""
+    return cuse_daemon.path
+
+
+# -- counting what the TPM and the RM hold --------------------------------------------------
+
+
+def free_spaces(node: str, limit: int) -> int:
+    """How many descriptors the node still opens, up to ``limit`` + 1; all closed again.
+
+    Opening fails with ENFILE once the daemon's --max-spaces are taken, so a space
+    that outlives its descriptor shows as one fewer.
+    """
+    fds: list[int] = []
+    try:
+        while len(fds) <= limit:
+            try:
+                fds.append(os.open(node, os.O_RDWR))
+            except OSError as e:
+                if e.errno != errno.ENFILE:
+                    raise
+                break
+        return len(fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed in the guest (the host's /usr/bin)")
+    return path

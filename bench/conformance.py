@@ -35,7 +35,7 @@ TITLE = "Conformance: the same client scenarios on the kernel's tpmrm, cusetpm a
 SYSTEMS = ["kernel", "cusetpm-CUSE", "cusetpm-FUSE", "tpm2-abrmd"]
 CUSETPM = ("cusetpm-CUSE", "cusetpm-FUSE")
 RESULTS_MD = Path(__file__).resolve().parent / "results" / "conformance.md"
-GUEST_TIMEOUT = 2400.0  # boot ~20 s; each regap loop is capped at 360 s, tools take ~2 s a step
+GUEST_TIMEOUT = 2400.0  # boot ~20 s; each regap loop is capped at 600 s, tools take ~2 s a step
 
 Rows = list[dict[str, Any]]
 

@@ -3,8 +3,11 @@
 The daemon runs as its own process, the client is this one: what a real client pays for
 the file round trips (FUSE here; CUSE takes the same path through fs/fuse in the kernel).
 The same workloads and command bytes as the `rm` section, in alternating rounds within
-one run, so the ratios hold even when the machine's speed drifts. Needs root and
-/dev/fuse (the FUSE mount); otherwise the section says why and reports nothing.
+one run, so the ratios hold even when the machine's speed drifts: the node's overhead is
+taken per round (node µs/command minus the RM's in the same round), then the median.
+"daemon CPU" is the daemon process's user+system time per command (/proc): what the node
+costs the machine, independent of how the scheduler places client and daemon. Needs root
+and /dev/fuse (the FUSE mount); otherwise the section says why and reports nothing.
 """
 
 from __future__ import annotations
@@ -54,8 +57,8 @@ def _unavailable() -> str | None:
 
 
 @contextmanager
-def _daemon(tmp: Path) -> Iterator[str]:
-    """A `cusetpm serve --fuse-mount` subprocess; yields the node's path."""
+def _daemon(tmp: Path) -> Iterator[tuple[str, int]]:
+    """A `cusetpm serve --fuse-mount` subprocess; yields the node's path and the pid."""
     mount = tmp / "mnt"
     proc = subprocess.Popen(
         [sys.executable, "-m", "cusetpm", "serve", "--fuse-mount", str(mount),
@@ -68,7 +71,7 @@ def _daemon(tmp: Path) -> Iterator[str]:
         line = proc.stdout.readline() if ready else ""
         if not line.startswith("cusetpm: serving"):
             raise RuntimeError(f"the daemon did not start: {line!r}")
-        yield str(mount / "tpmrm0")
+        yield str(mount / "tpmrm0"), proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -80,7 +83,14 @@ def _daemon(tmp: Path) -> Iterator[str]:
             subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def _rate(transmit: Transmit, command: bytes, seconds: float) -> float:
+def _cpu_seconds(pid: int) -> float:
+    """user + system time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _run(transmit: Transmit, command: bytes, seconds: float) -> tuple[float, int]:
+    """(commands/s, commands sent)"""
     check(transmit(command))
     n = 0
     start = time.perf_counter()
@@ -90,7 +100,11 @@ def _rate(transmit: Transmit, command: bytes, seconds: float) -> float:
         n += 16
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
-            return n / elapsed
+            return n / elapsed, n
+
+
+def _rate(transmit: Transmit, command: bytes, seconds: float) -> float:
+    return _run(transmit, command, seconds)[0]
 
 
 def _fd_transmit(fd: int) -> Transmit:
@@ -115,11 +129,11 @@ def _poll_transmit(fd: int) -> Transmit:
 
 
 def _through_node(node: str, flags: int, wrap: Callable[[int], Transmit],
-                  setup: Callable[[Transmit], bytes], seconds: float) -> float:
+                  setup: Callable[[Transmit], bytes], seconds: float) -> tuple[float, int]:
     fd = os.open(node, os.O_RDWR | flags)
     try:
         transmit = wrap(fd)
-        return _rate(transmit, setup(transmit), seconds)
+        return _run(transmit, setup(transmit), seconds)
     finally:
         os.close(fd)
 
@@ -133,24 +147,34 @@ def _in_process(rm: ResourceManager, setup: Callable[[Transmit], bytes], seconds
         rm.close_space(space)
 
 
-def _workload_rows(node: str, rm: ResourceManager, backend: LibtpmsBackend,
+def _workload_rows(node: str, daemon_pid: int, rm: ResourceManager, backend: LibtpmsBackend,
                    seconds: float, rounds: int) -> list[dict[str, Any]]:
     rows = []
     for workload in WORKLOADS:
         samples = []
+        cpu, commands = 0.0, 0
         for _ in range(rounds):
-            blocking = _through_node(node, 0, _fd_transmit, workload.setup, seconds)
-            polled = _through_node(node, os.O_NONBLOCK, _poll_transmit, workload.setup, seconds)
+            cpu -= _cpu_seconds(daemon_pid)
+            blocking, sent = _through_node(node, 0, _fd_transmit, workload.setup, seconds)
+            cpu += _cpu_seconds(daemon_pid)
+            commands += sent
+            polled, _ = _through_node(
+                node, os.O_NONBLOCK, _poll_transmit, workload.setup, seconds
+            )
             managed = _in_process(rm, workload.setup, seconds)
             samples.append((blocking, polled, managed))
         blocking, polled, managed = (statistics.median(s[i] for s in samples) for i in range(3))
+        overhead = statistics.median(1e6 / s[0] - 1e6 / s[2] for s in samples)
         rows.append({
             "workload": workload.name,
             "node write/read cmds/s": round(blocking),
+            "node us/cmd": round(1e6 / blocking, 1),
             "node write/poll/read cmds/s": round(polled),
             "RM in process cmds/s": round(managed),
+            "RM us/cmd": round(1e6 / managed, 1),
             "node/RM": f"{blocking / managed:.3f}",
-            "node overhead us/cmd": round(1e6 / blocking - 1e6 / managed, 1),
+            "node overhead us/cmd": round(overhead, 1),
+            "daemon CPU us/cmd": round(1e6 * cpu / commands, 1),
         })
     direct = statistics.median(
         _rate(backend.transmit, build.get_random(16), seconds) for _ in range(rounds)
@@ -192,15 +216,16 @@ def run(quick: bool) -> list[dict[str, Any]]:
     reason = _unavailable()
     if reason is not None:
         return [{"workload": f"skipped: {reason}"}]
-    seconds, rounds = (0.2, 2) if quick else (1.0, 3)
+    # Short rounds, many of them: the machine's speed drifts less within a round.
+    seconds, rounds = (0.2, 2) if quick else (0.5, 6)
     with tempfile.TemporaryDirectory(prefix="cusetpm-bench-node-") as tmp_name:
         tmp = Path(tmp_name)
         backend = LibtpmsBackend(tmp / "rm-state")
         rm = ResourceManager(backend)
         rm.start()
         try:
-            with _daemon(tmp) as node:
-                rows = _workload_rows(node, rm, backend, seconds, rounds)
+            with _daemon(tmp) as (node, daemon_pid):
+                rows = _workload_rows(node, daemon_pid, rm, backend, seconds, rounds)
                 pytss = _pytss_row(node, seconds)
                 if pytss is not None:
                     rows.append(pytss)

@@ -16,7 +16,7 @@ APT_PACKAGES := libtpms0 libtpms-dev swtpm swtpm-tools tpm2-tools libtss2-dev \
 # The guest kernel for the CUSE tests (make test-vm); virtme-ng comes with the venv.
 VM_APT_PACKAGES := qemu-system-x86 linux-image-amd64 busybox-static
 # The peers `make bench` compares against: tpm2-abrmd on a session D-Bus.
-BENCH_APT_PACKAGES := tpm2-abrmd dbus
+BENCH_APT_PACKAGES := tpm2-abrmd libtss2-tcti-tabrmd0 dbus
 
 .PHONY: all setup apt-deps vm-deps bench-deps venv run test test-vm bench bench-quick \
         lint install install-udev clean

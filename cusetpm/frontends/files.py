@@ -207,20 +207,19 @@ class TpmFileOps:
             return self._submit_failed(f, e)
         if fut.done():
             return self._ran_inline(f, fut, size, nonblock)
-        with f.lock:
-            if f.write_req is req and not nonblock:
-                # Still waiting (the worker may have finished it already): let an interrupt
-                # find it.  No interrupt can come in between: it is served on this thread.
-                with self._lock:
-                    self._waiting[req] = f
+        if not nonblock:
+            # Let an interrupt find the waiting write; registered before the completion
+            # callback, which forgets it again (interrupts are served on this thread).
+            with self._lock:
+                self._waiting[req] = f
         fut.add_done_callback(functools.partial(self._completed, f))
         return size if nonblock else None
 
     def _ran_inline(self, f: OpenFile, fut: Future[bytes], size: int, nonblock: bool) -> int:
-        """The command ran on this thread: answer the write (and prepare the read) now.
+        """The command is finished (the RM ran it on this thread): answer the write now.
 
         Nothing else of this file can have happened meanwhile: its reads and polls are
-        served by this very thread.
+        served by this very thread, and no completion callback was registered.
         """
         response, err = _outcome(f, fut)
         ph = None

@@ -261,10 +261,10 @@ class Executor:
 
     def check_limits(self, space: Space, cmd: Command, attrs: TPMA_CC) -> bytes | None:
         creates = _creates(cmd, attrs)
-        name = cc_name(cmd.commandCode)
         if creates == "object" and len(space.objects) >= self.config.max_objects:
-            return self.over_limit(space, name, "objects", TPM_RC.OBJECT_MEMORY)
+            return self.over_limit(space, cc_name(cmd.commandCode), "objects", TPM_RC.OBJECT_MEMORY)
         if creates == "session" and self.session_count(space) >= self.config.max_sessions:
+            name = cc_name(cmd.commandCode)
             return self.over_limit(space, name, "sessions", TPM_RC.SESSION_MEMORY)
         return None
 

@@ -56,8 +56,10 @@ TPM_FULL_RECHECK = 0.05
 
 @dataclass(eq=False)
 class Job:
+    """Work for the TPM: a client command (`command`), or RM work (`run`)."""
+
     space: Space
-    run: Callable[[], Any]
+    run: Callable[[], Any] | None
     future: Future[Any] = field(default_factory=Future)
     is_command: bool = False
     command: bytes = b""  # for command jobs: what the client sent
@@ -217,9 +219,7 @@ class ResourceManager:
         if self._stopping:
             raise RMError(errno.ESHUTDOWN, "the resource manager is stopping")
         self._busy.add(space)
-        job = Job(space, lambda: b"", is_command=True, command=command)
-        job.run = lambda: self._command(job, command)
-        return job
+        return Job(space, None, is_command=True, command=command)
 
     def cancel(self, space: Space) -> None:
         """Drop the space's queued command, or ask the TPM to cancel the running one."""
@@ -308,7 +308,7 @@ class ResourceManager:
         error: BaseException | None = None
         parked = False
         try:
-            result = job.run()
+            result = self._command(job) if job.run is None else job.run()
         except SessionsExhausted:
             parked = True
         except RMError as exc:
@@ -437,25 +437,24 @@ class ResourceManager:
 
     # -- commands on the TPM --------------------------------------------------------------
 
-    def _command(self, job: Job, command: bytes) -> bytes:
+    def _command(self, job: Job) -> bytes:
         assert self._executor is not None, "start() was not called"
-        space = job.space
+        space, command = job.space, job.command
         # Others wait for a session already: a newcomer needing one queues behind them.
         behind = not job.handed_off and job.waiting_since is None and bool(self._waiters)
         started = time.perf_counter()
         trips = self.link.stats.round_trips
-        name = cc_name(int.from_bytes(command[6:10], "big")) if len(command) >= 10 else "?"
         try:
             response = self._executor.execute(space, command, queue_behind=behind)
         except RMError as exc:
-            log.warning("space %d: %s refused: %s", space.id, name, exc)
+            log.warning("space %d: %s refused: %s", space.id, _name(command), exc)
             raise
         if log.isEnabledFor(logging.DEBUG):
             rc = int.from_bytes(response[6:10], "big")
             log.debug(
                 "space %d: %s -> %s in %.0f us, %d round trips",
                 space.id,
-                name,
+                _name(command),
                 rc_name(rc),
                 (time.perf_counter() - started) * 1e6,
                 self.link.stats.round_trips - trips,
@@ -495,3 +494,7 @@ class ResourceManager:
                 continue
             properties.update((p.property, p.value) for p in data.properties)
         return properties
+
+
+def _name(command: bytes) -> str:
+    return cc_name(int.from_bytes(command[6:10], "big")) if len(command) >= 10 else "?"

@@ -343,16 +343,18 @@ def _serve_backend(
         )
         sd_notify("READY=1")
         log.info("talk to it: tpm2_getrandom -T device:%s 8 --hex", plan.spec.path)
+        status = 0
         while not stop.event.wait(1.0):
             if not session.running:
                 log.error("the kernel closed %s; stopping", plan.spec.path)
+                status = 1  # nobody asked us to stop: a supervisor should know
                 break
         if stop.received is not None:
             log.info("%s: stopping", signal.Signals(stop.received).name)
         sd_notify("STOPPING=1")
     finally:
         _shutdown(session, ops, rm)
-    return 0
+    return status
 
 
 def _shutdown(session: NodeSession, ops: TpmFileOps, rm: ResourceManager) -> None:

@@ -19,6 +19,8 @@ from cusetpm.frontends.files import TPM_BUFSIZE, PollHandle, Request, TpmFileOps
 from cusetpm.frontends.spec import NodeSpec
 
 log = logging.getLogger(__name__)
+# After the node is initialised: how long a kernel refusal (name taken) takes to show.
+REFUSAL_GRACE = 0.3
 
 SHIM_ABI = 3
 DEFERRED = lib.CUSETPM_DEFERRED  # a read/write callback's "answered later"
@@ -70,7 +72,11 @@ class NodeSession:
         self._thread = threading.Thread(target=self._loop, name="cusetpm-node", daemon=True)
         self._thread.start()
         deadline_hit = not self._settled.wait(timeout)
-        if self._ready.is_set():
+        # CUSE says "initialised" once its INIT reply is written; the kernel registers the
+        # device while taking that reply and, if the name is taken, aborts the connection
+        # right then: the loop's next read fails at once. Give it that moment.
+        grace = REFUSAL_GRACE if self.spec.cuse_name is not None else 0.0
+        if self._ready.is_set() and not self._loop_done.wait(grace):
             return
         self.stop()
         self.destroy()

@@ -110,10 +110,13 @@ def create_primary_ecc_command() -> bytes:
     return _command(TPM_ST_SESSIONS, TPM_CC_CREATE_PRIMARY, body)
 
 
-def create_primary_rsa_command(bits: int = 2048) -> bytes:
-    """CreatePrimary(owner) of an RSA storage key: key generation, the slow command."""
+def create_primary_rsa_command(bits: int = 2048, unique: bytes = b"") -> bytes:
+    """CreatePrimary(owner) of an RSA storage key: key generation, the slow command.
+
+    A different `unique` gives a different key, and so a different prime search time."""
     params = struct.pack(">HHHHHI", 0x0006, 128, 0x0043, 0x0010, bits, 0)
-    public = struct.pack(">HHIH", 0x0001, 0x000B, 0x00030072, 0) + params + struct.pack(">H", 0)
+    public = struct.pack(">HHIH", 0x0001, 0x000B, 0x00030072, 0) + params
+    public += struct.pack(">H", len(unique)) + unique
     body = struct.pack(">I", TPM_RH_OWNER) + _password_auth()
     body += struct.pack(">HHH", 4, 0, 0)
     body += struct.pack(">H", len(public)) + public

@@ -308,15 +308,22 @@ class SwtpmBackend(Backend):
 
 
 def free_port_pair(host: str = "127.0.0.1") -> int:
-    """A port P with P and P+1 free right now (swtpm wants data and control)."""
+    """A port P with P and P+1 free right now (swtpm wants data and control).
+
+    The probes bind with SO_REUSEADDR, as swtpm's listeners do: a port whose only users are
+    connections in TIME_WAIT (thousands after a run of connect-per-command clients such as
+    tpm2-tss's swtpm TCTI) is free for a listener.
+    """
     for _ in range(100):
         with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((host, 0))
             port = int(s.getsockname()[1])
         if port >= 65535:
             continue
         try:
             with socket.socket() as s2:
+                s2.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s2.bind((host, port + 1))
         except OSError:
             continue

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import select
 import shutil
 import socket
@@ -310,25 +311,32 @@ class SwtpmBackend(Backend):
 def free_port_pair(host: str = "127.0.0.1") -> int:
     """A port P with P and P+1 free right now (swtpm wants data and control).
 
-    The probes bind with SO_REUSEADDR, as swtpm's listeners do: a port whose only users are
-    connections in TIME_WAIT (thousands after a run of connect-per-command clients such as
-    tpm2-tss's swtpm TCTI) is free for a listener.
+    Taken below the kernel's ephemeral range: there, thousands of short connections (tpm2-tss's
+    swtpm TCTI connects once per command) can hold every port for a minute after they close.
     """
-    for _ in range(100):
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((host, 0))
-            port = int(s.getsockname()[1])
-        if port >= 65535:
-            continue
-        try:
-            with socket.socket() as s2:
-                s2.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s2.bind((host, port + 1))
-        except OSError:
-            continue
-        return port
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(10000, max(10002, low - 1))
+        if _bindable(host, port) and _bindable(host, port + 1):
+            return port
     raise BackendError("no free pair of TCP ports")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a listener binds
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 @dataclass

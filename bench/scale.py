@@ -286,30 +286,35 @@ def run(quick: bool) -> list[dict[str, Any]]:
                 systems, notes = _systems(tmp, bus)
                 active_max = 64
                 for system in systems:
-                    with system.running(proc.port) as running:
-                        if running.rm is not None:
-                            active_max = running.rm.properties.get(
-                                TPM_PT.ACTIVE_SESSIONS_MAX, active_max)
-                        count = descriptors
-                        if isinstance(system, Abrmd):
-                            count = min(count, ABRMD_MAX_CONNECTIONS - 1)
-                        rows.append(_open_descriptors(system, running, count, public, seconds))
-                        for clients in (8,) if quick else (8, 64):
-                            for short in ("GetRandom", "PolicyPCR"):
-                                rows.append(_concurrent(system, running, clients,
-                                                        by_name[short].prepare,
-                                                        by_name[short].name, seconds))
-                        if quick and not isinstance(system, InProcess):
-                            rows.append({"test": "session wait", "system": system.name,
-                                         "note": "skipped in --quick (refused waiters take "
-                                         "up to the RM's wait bound to come back)"})
-                        elif isinstance(system, Abrmd):
-                            rows.append({"test": "session wait", "system": system.name,
-                                         "note": f"skipped: {2 * active_max} clients exceed "
-                                         f"abrmd's {ABRMD_MAX_CONNECTIONS} connections"})
-                        else:
-                            rows.append(_session_wait(system, running, 2 * active_max,
-                                                      seconds * 2))
+                    try:
+                        with system.running(proc.port) as running:
+                            if running.rm is not None:
+                                active_max = running.rm.properties.get(
+                                    TPM_PT.ACTIVE_SESSIONS_MAX, active_max)
+                            count = descriptors
+                            if isinstance(system, Abrmd):
+                                count = min(count, ABRMD_MAX_CONNECTIONS - 1)
+                            rows.append(_open_descriptors(system, running, count, public, seconds))
+                            for clients in (8,) if quick else (8, 64):
+                                for short in ("GetRandom", "PolicyPCR"):
+                                    rows.append(_concurrent(system, running, clients,
+                                                            by_name[short].prepare,
+                                                            by_name[short].name, seconds))
+                            if quick and not isinstance(system, InProcess):
+                                rows.append({"test": "session wait", "system": system.name,
+                                             "note": "skipped in --quick (refused waiters take "
+                                             "up to the RM's wait bound to come back)"})
+                            elif isinstance(system, Abrmd):
+                                rows.append({"test": "session wait", "system": system.name,
+                                             "note": f"skipped: {2 * active_max} clients exceed "
+                                             f"abrmd's {ABRMD_MAX_CONNECTIONS} connections"})
+                            else:
+                                rows.append(_session_wait(system, running, 2 * active_max,
+                                                          seconds * 2))
+                    except Exception as exc:  # one system failing must not lose the others' rows
+                        rows.append({"test": "all", "system": system.name,
+                                     "note": f"failed: {type(exc).__name__}: {exc}"})
+
                 with Direct().running(proc.port) as running:
                     flush_all(running.connect().transmit)
                 commands = 3000 if quick else 20000

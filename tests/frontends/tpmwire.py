@@ -29,9 +29,11 @@ def get_handles(first: int, count: int = 64) -> bytes:
     return build.get_capability(TPM_CAP_HANDLES, first, count)
 
 
-def create_primary_rsa(bits: int = 2048) -> bytes:
-    """CreatePrimary(owner, password auth) of an RSA storage key: the slow command."""
-    return _create(0x131, TPM_RH_OWNER, bits)
+def create_primary_rsa(bits: int = 2048, unique: bytes = b"") -> bytes:
+    """CreatePrimary(owner, password auth) of an RSA storage key: the slow command.
+
+    Another `unique` is another key, so another (deterministic) prime search time."""
+    return _create(0x131, TPM_RH_OWNER, bits, unique)
 
 
 def create_rsa(parent: int, bits: int = 2048) -> bytes:
@@ -39,11 +41,12 @@ def create_rsa(parent: int, bits: int = 2048) -> bytes:
     return _create(0x153, parent, bits)
 
 
-def _create(code: int, parent: int, bits: int) -> bytes:
+def _create(code: int, parent: int, bits: int, unique: bytes = b"") -> bytes:
     # TPMT_PUBLIC: RSA, SHA-256, fixedTPM|fixedParent|sensitiveDataOrigin|userWithAuth|
     # restricted|decrypt, no policy; AES-128-CFB, no scheme, `bits`, default exponent.
     params = struct.pack(">HHHHHI", 0x0006, 128, 0x0043, 0x0010, bits, 0)
-    public = struct.pack(">HHIH", 0x0001, 0x000B, 0x00030072, 0) + params + b"\0\0"
+    public = struct.pack(">HHIH", 0x0001, 0x000B, 0x00030072, 0) + params
+    public += struct.pack(">H", len(unique)) + unique
     auth = struct.pack(">IHBH", TPM_RS_PW, 0, 0, 0)
     body = struct.pack(">I", parent) + struct.pack(">I", len(auth)) + auth
     body += struct.pack(">HHH", 4, 0, 0)  # TPM2B_SENSITIVE_CREATE: empty auth and data

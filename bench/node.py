@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.workloads import WORKLOADS, Transmit, check
+from bench.workloads import WORKLOADS, Transmit, rate
 from cusetpm.backends.libtpms import LibtpmsBackend
 from cusetpm.rm import ResourceManager
 from cusetpm.tpm import commands as build
@@ -89,22 +89,8 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _run(transmit: Transmit, command: bytes, seconds: float) -> tuple[float, int]:
-    """(commands/s, commands sent)"""
-    check(transmit(command))
-    n = 0
-    start = time.perf_counter()
-    while True:
-        for _ in range(16):
-            transmit(command)
-        n += 16
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            return n / elapsed, n
-
-
 def _rate(transmit: Transmit, command: bytes, seconds: float) -> float:
-    return _run(transmit, command, seconds)[0]
+    return rate(transmit, command, seconds)[0]
 
 
 def _fd_transmit(fd: int) -> Transmit:
@@ -133,7 +119,7 @@ def _through_node(node: str, flags: int, wrap: Callable[[int], Transmit],
     fd = os.open(node, os.O_RDWR | flags)
     try:
         transmit = wrap(fd)
-        return _run(transmit, setup(transmit), seconds)
+        return rate(transmit, setup(transmit), seconds)
     finally:
         os.close(fd)
 

@@ -9,31 +9,17 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.workloads import WORKLOADS, Transmit, Workload, check
+from bench.workloads import WORKLOADS, Workload, rate
 from cusetpm.backends.libtpms import LibtpmsBackend
 from cusetpm.rm import ResourceManager
 from cusetpm.tpm import commands as build
 from cusetpm.tpm.constants import TPM_CAP, TPM_HT
 
 TITLE = "Resource manager in process vs. libtpms alone"
-
-
-def _rate(transmit: Transmit, command: bytes, seconds: float) -> tuple[float, int]:
-    check(transmit(command))
-    n = 0
-    start = time.perf_counter()
-    while True:
-        for _ in range(32):
-            transmit(command)
-        n += 32
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            return n / elapsed, n
 
 
 def _flush_everything(backend: LibtpmsBackend) -> None:
@@ -51,14 +37,14 @@ def _measure(
 ) -> tuple[float, float, float]:
     """(direct cmds/s, RM cmds/s, RM round trips per command) for one round."""
     direct = workload.setup(backend.transmit)
-    direct_rate, _ = _rate(backend.transmit, direct, seconds)
+    direct_rate, _ = rate(backend.transmit, direct, seconds)
     _flush_everything(backend)
     space = rm.open_space()
     try:
         send: Callable[[bytes], bytes] = lambda cmd: rm.transmit(space, cmd)  # noqa: E731
         command = workload.setup(send)
         trips = rm.round_trips
-        rm_rate, n = _rate(send, command, seconds)
+        rm_rate, n = rate(send, command, seconds)
         per_command = (rm.round_trips - trips) / (n + 1)
     finally:
         rm.close_space(space)

@@ -11,7 +11,6 @@ import contextlib
 import os
 import re
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench.scenarios.conn import Target
+from bench.systems import stop
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SERVING_LINE = b"cusetpm: serving "
@@ -27,16 +27,6 @@ SERVING_LINE = b"cusetpm: serving "
 
 class SystemUnavailable(RuntimeError):
     """A system could not be brought up; the message says why (for the table)."""
-
-
-def stop(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def free_port_pair() -> int:

@@ -12,7 +12,9 @@ import struct
 from dataclasses import dataclass
 
 from tpm2_pytss import ESAPI
+from tpm2_pytss.constants import TPM2_ALG, TPMA_SESSION
 from tpm2_pytss.TCTI import PyTCTI
+from tpm2_pytss.types import TPMT_SYM_DEF, TPMU_SYM_KEY_BITS, TPMU_SYM_MODE
 
 from cusetpm.rm import ResourceManager, RMError, Space
 from cusetpm.tpm import commands as build
@@ -305,3 +307,13 @@ def handle_of(response: bytes) -> int:
     """The handle of a successful response that returns one (StartAuthSession, ContextLoad)."""
     assert rc_of(response) == 0, hex(rc_of(response))
     return int.from_bytes(response[10:14], "big")
+
+
+# Session settings the ESAPI-level tests share.
+CONTINUE = TPMA_SESSION.CONTINUESESSION
+NULL_SYM = TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL)
+AES_CFB = TPMT_SYM_DEF(
+    algorithm=TPM2_ALG.AES,
+    keyBits=TPMU_SYM_KEY_BITS(aes=128),
+    mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB),
+)

@@ -24,9 +24,6 @@ from tpm2_pytss.types import (
     TPM2B_SENSITIVE_CREATE,
     TPMS_CONTEXT,
     TPMS_SENSITIVE_CREATE,
-    TPMT_SYM_DEF,
-    TPMU_SYM_KEY_BITS,
-    TPMU_SYM_MODE,
 )
 
 from cusetpm.rm import ResourceManager, RMConfig
@@ -35,6 +32,9 @@ from cusetpm.tpm import commands as build
 from cusetpm.tpm.constants import TPM_RH, TPM_SE
 from cusetpm.tpm.structures import TPMS_CONTEXT as RawContext
 from tests.rm.client import (
+    AES_CFB,
+    CONTINUE,
+    NULL_SYM,
     RC_RM_SESSION_MEMORY,
     RC_STALE_TOKEN,
     RawClient,
@@ -47,13 +47,6 @@ from tests.rm.client import (
 from tests.rm.conftest import RMFactory, assert_tpm_empty
 
 INDEX = 0x00FFFFFF
-CONTINUE = TPMA_SESSION.CONTINUESESSION
-NULL_SYM = TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL)
-AES_CFB = TPMT_SYM_DEF(
-    algorithm=TPM2_ALG.AES,
-    keyBits=TPMU_SYM_KEY_BITS(aes=128),
-    mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB),
-)
 
 
 def new_client(rm: ResourceManager) -> RawClient:

@@ -35,6 +35,7 @@ from cusetpm.tpm import commands as build
 from cusetpm.tpm.command import AuthCommand
 from cusetpm.tpm.constants import TPM_CC, TPM_RH, TPM_SE
 from tests.rm.client import (
+    CONTINUE,
     EMPTY_SENSITIVE,
     NO_OUTSIDE_INFO_NO_PCRS,
     RawClient,
@@ -58,7 +59,6 @@ SIGN_ATTRS = (
     | TPMA_OBJECT.SENSITIVEDATAORIGIN
 )
 NULL_TICKET = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL)
-CONTINUE = TPMA_SESSION.CONTINUESESSION
 
 
 @dataclass

@@ -14,15 +14,13 @@ from tpm2_pytss.types import (
     TPM2B_PUBLIC,
     TPMS_ATTEST,
     TPMT_SIG_SCHEME,
-    TPMT_SYM_DEF,
-    TPMU_SYM_KEY_BITS,
-    TPMU_SYM_MODE,
 )
 
 from cusetpm.rm import ResourceManager
 from cusetpm.tpm import commands as build
 from cusetpm.tpm.constants import TPM_CAP, TPM_PT
 from tests.rm.client import (
+    AES_CFB,
     ALG_SHA1,
     ALG_SHA256,
     ALG_SHA384,
@@ -43,11 +41,6 @@ from tests.rm.conftest import assert_tpm_empty
 
 TRANSIENT_FIRST = 0x80000000
 NULL_SCHEME = TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL)
-AES_CFB = TPMT_SYM_DEF(
-    algorithm=TPM2_ALG.AES,
-    keyBits=TPMU_SYM_KEY_BITS(aes=128),
-    mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB),
-)
 
 
 def transient_avail(client: RawClient) -> int:

@@ -27,23 +27,23 @@ from tpm2_pytss.types import (
     TPMS_ATTEST,
     TPMS_SENSITIVE_CREATE,
     TPMT_SYM_DEF,
-    TPMU_SYM_KEY_BITS,
-    TPMU_SYM_MODE,
 )
 
 from cusetpm.rm import ResourceManager, RMError
 from cusetpm.tpm.constants import TPM_CC, TPM_SE
-from tests.rm.client import RawClient, ecc_signing_template, esapi, policy_restart, raw_command
+from tests.rm.client import (
+    AES_CFB,
+    CONTINUE,
+    NULL_SYM,
+    RawClient,
+    ecc_signing_template,
+    esapi,
+    policy_restart,
+    raw_command,
+)
 from tests.rm.conftest import assert_tpm_empty
 
 LOADED_SESSIONS = 0x02000000
-CONTINUE = TPMA_SESSION.CONTINUESESSION
-NULL_SYM = TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL)
-AES_CFB = TPMT_SYM_DEF(
-    algorithm=TPM2_ALG.AES,
-    keyBits=TPMU_SYM_KEY_BITS(aes=128),
-    mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB),
-)
 SEAL_ATTRS = TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
 
 

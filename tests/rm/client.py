@@ -120,7 +120,8 @@ class RawClient:
         return more, data.handles
 
     def all_handles(self, first: int) -> list[int]:
-        """Pages through GetCapability(HANDLES) with count 1, as the kernel selftest does."""
+        """Pages through GetCapability(HANDLES) with count 1 and property + 1, as the kernel
+        selftest's get_cap does."""
         found: list[int] = []
         prop = first
         while True:
@@ -128,7 +129,7 @@ class RawClient:
             found += page
             if not more:
                 return found
-            prop = page[-1] + 1
+            prop += 1
 
     def get_random(self, n: int = 8) -> bytes:
         return build.parse_get_random(self.send(build.get_random(n)))

@@ -226,7 +226,7 @@ def test_b_lists_only_its_own(a: SpaceA, b: RawClient) -> None:
     assert len(sessions) == 1
     assert not {a.hmac, a.policy, a.audit} & set(sessions)
     assert b.handles(0x03000000)[1] == []
-    assert a.raw.handles(0x80000000) == (False, [0x80FFFFFE, 0x80FFFFFF])
+    assert a.raw.handles(0x80000000) == (False, [0x80FFFFFF, 0x80FFFFFE])
 
 
 def session_commands(session: int) -> dict[str, bytes]:

@@ -335,7 +335,7 @@ class RMMachine(RuleBasedStateMachine):
     def views_match_model(self) -> None:
         RMMachine.checks += 1
         for space in self.spaces:
-            assert space_objects(space.client) == sorted(space.objects)
+            assert space_objects(space.client) == sorted(space.objects, reverse=True)
             assert space_sessions(space.client) == sorted(space.sessions, key=index)
 
     @invariant()

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from cusetpm.backends.base import BackendError
-from cusetpm.rm import continuation
+from cusetpm.rm import continuation, refusals
 from cusetpm.rm.capability import answer_handles, handles_query, rewrite_properties
 from cusetpm.rm.commandtable import SESSION_CREATING, CommandTable
 from cusetpm.rm.config import RMConfig
@@ -41,11 +41,13 @@ from cusetpm.tpm.constants import (
     TPMA_CC,
     TPMA_SESSION,
     cc_name,
+    handle_type,
     is_session_handle,
     is_transient_handle,
+    session_types_at,
 )
 from cusetpm.tpm.errors import BadTagError, SizeMismatchError, TPMParseError
-from cusetpm.tpm.rc import TPM_RC, rc_base, rm_rc
+from cusetpm.tpm.rc import RC_N_SHIFT, RC_P, TPM_RC, rc_base, rm_rc
 from cusetpm.tpm.response import Response, error_response
 
 log = logging.getLogger(__name__)
@@ -110,7 +112,14 @@ class Executor:
     def execute(self, space: Space, command: bytes, queue_behind: bool = False) -> bytes:
         """The response to one command. `queue_behind`: others are waiting for a TPM session,
         so a command needing a new one must wait too (SessionsExhausted), after its checks."""
-        parsed, attrs = self.validate(space, command)
+        try:
+            parsed, attrs = self.validate(space, command)
+        except BadTagError:
+            # The kernel passes such a command on and the TPM answers TPM_RC_BAD_TAG before it
+            # looks at anything else: the same answer, without the round trip.
+            refusals.warn(space, "%s with tag 0x%04x: TPM_RC_BAD_TAG", _name(command),
+                          int.from_bytes(command[0:2], "big"))
+            return error_response(TPM_RC.BAD_TAG)
         if parsed is None or attrs is None:
             return error_response(rm_rc(TPM_RC.COMMAND_CODE))
         refusal = self.check_ownership(space, parsed)
@@ -154,14 +163,14 @@ class Executor:
         code = int.from_bytes(command[6:10], "big")
         attrs = self.table.lookup(code)
         if attrs is None:
-            log.warning("space %d: unknown command code 0x%08x refused", space.id, code)
+            refusals.warn(space, "unknown command code 0x%08x refused", code)
             return None, None
         try:
             return parse_command(command, _handle_count(code, attrs)), attrs
         except SizeMismatchError as exc:
             raise RMError(errno.EINVAL, f"{cc_name(code)}: {exc}") from exc
-        except BadTagError as exc:
-            raise RMError(errno.EINVAL, f"{cc_name(code)}: {exc}") from exc
+        except BadTagError:
+            raise  # answered as the TPM answers it: see execute()
         except TPMParseError as exc:
             raise RMError(errno.EINVAL, f"{cc_name(code)}: malformed: {exc}") from exc
 
@@ -170,7 +179,12 @@ class Executor:
     def check_ownership(self, space: Space, cmd: Command) -> bytes | None:
         """Transient and session handles must be the space's own; anything else passes.
 
-        A session the RM evicted gets an RM-layer TPM_RC_REFERENCE_H<n>/S<n> response.
+        A transient handle of another space is EINVAL, as in the kernel. A session that is
+        not the space's (another space's, one the TPM ended, one never seen) is answered as
+        the TPM answers a session that is not there, without reaching the TPM: the kernel
+        passes session handles through, and clients (ESAPI) expect the TPM's response code
+        there, not an errno. Another space's session thus reads exactly like an absent one.
+        A session the RM evicted under exhaustion gets the RM-layer TPM_RC_REFERENCE_H<n>/S<n>.
         """
         for i, handle in enumerate(cmd.handles):
             if is_transient_handle(handle) and handle not in space.objects:
@@ -178,20 +192,25 @@ class Executor:
             if is_session_handle(handle) and handle not in space.sessions:
                 if handle in space.evicted:
                     return self.evicted(space, handle, rm_rc(TPM_RC.REFERENCE_H0 + i))
-                raise foreign_handle(handle, "handle area")
+                return self.absent_session(space, cmd, handle, absent_handle_rc(cmd, i))
         for i, session in enumerate(cmd.sessions):
             handle = session.sessionHandle
             if is_session_handle(handle) and handle not in space.sessions:
                 if handle in space.evicted:
                     return self.evicted(space, handle, rm_rc(TPM_RC.REFERENCE_S0 + i))
-                raise foreign_handle(handle, "authorization area")
+                return self.absent_session(space, cmd, handle, TPM_RC.REFERENCE_S0 + i)
         return None
+
+    def absent_session(self, space: Space, cmd: Command, handle: int, rc: int) -> bytes:
+        refusals.warn(
+            space, "%s names session 0x%08x, not this space's: answered 0x%03x",
+            cc_name(cmd.commandCode), handle, rc,
+        )
+        return error_response(rc)
 
     @staticmethod
     def evicted(space: Space, handle: int, rc: int) -> bytes:
-        log.warning(
-            "space %d: session 0x%08x was evicted under session exhaustion", space.id, handle
-        )
+        refusals.warn(space, "session 0x%08x was evicted under session exhaustion", handle)
         return error_response(rc)
 
     # -- answer ---------------------------------------------------------------------------
@@ -241,7 +260,7 @@ class Executor:
         """A token presented: the session joins this space. No TPM command is needed."""
         entry = self.sessions.by_token(token)
         if entry is None:
-            log.warning("space %d: ContextLoad of a spent or unknown session token", space.id)
+            refusals.warn(space, "ContextLoad of a spent or unknown session token")
             return error_response(continuation.RC_STALE_TOKEN)
         if entry.saved_by is not space and self.session_count(space) >= self.config.max_sessions:
             return self.over_limit(space, "TPM2_ContextLoad", "sessions", TPM_RC.SESSION_MEMORY)
@@ -275,7 +294,7 @@ class Executor:
 
     def over_limit(self, space: Space, name: str, what: str, rc: int) -> bytes:
         limit = self.config.max_objects if what == "objects" else self.config.max_sessions
-        log.warning("space %d: %s refused: %d %s is the limit", space.id, name, limit, what)
+        refusals.warn(space, "%s refused: %d %s is the limit", name, limit, what)
         return error_response(rm_rc(rc))
 
     # -- load -----------------------------------------------------------------------------
@@ -588,8 +607,27 @@ class Executor:
         return named
 
 
+def _name(command: bytes) -> str:
+    return cc_name(cmd_code(command))
+
+
 def cmd_code(command: bytes) -> int:
     return int.from_bytes(command[6:10], "big")
+
+
+def absent_handle_rc(cmd: Command, position: int) -> int:
+    """What the TPM answers for a session handle at this handle position that it does not hold.
+
+    The TPM checks the handle's type first (TPM_RC_VALUE for handle n+1), then that it is
+    loaded (TPM_RC_REFERENCE_H<n>). FlushContext names its handle as a parameter:
+    TPM_RC_HANDLE for parameter 1.
+    """
+    if cmd.commandCode == TPM_CC.FlushContext:
+        return TPM_RC.HANDLE | RC_P | (1 << RC_N_SHIFT)
+    accepted = session_types_at(cmd.commandCode, position, len(cmd.handles))
+    if handle_type(cmd.handles[position]) not in accepted:
+        return TPM_RC.VALUE | ((position + 1) << RC_N_SHIFT)
+    return TPM_RC.REFERENCE_H0 + position
 
 
 def _rc(response: bytes) -> int:

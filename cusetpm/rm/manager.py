@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cusetpm.backends.base import Backend, BackendError
+from cusetpm.rm import refusals
 from cusetpm.rm.commandtable import CommandTable
 from cusetpm.rm.config import RMConfig
 from cusetpm.rm.errors import RMError
@@ -447,7 +448,7 @@ class ResourceManager:
         try:
             response = self._executor.execute(space, command, queue_behind=behind)
         except RMError as exc:
-            log.warning("space %d: %s refused: %s", space.id, _name(command), exc)
+            refusals.warn(space, "%s refused: %s", _name(command), exc)
             raise
         if log.isEnabledFor(logging.DEBUG):
             rc = int.from_bytes(response[6:10], "big")
@@ -464,6 +465,7 @@ class ResourceManager:
     def _close(self, space: Space) -> None:
         assert self._executor is not None
         self._executor.close(space)
+        refusals.report_at_close(space)
         with self._cv:
             self._spaces.discard(space)
             self._per_uid[space.uid] -= 1

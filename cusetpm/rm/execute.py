@@ -115,11 +115,7 @@ class Executor:
         try:
             parsed, attrs = self.validate(space, command)
         except BadTagError:
-            # The kernel passes such a command on and the TPM answers TPM_RC_BAD_TAG before it
-            # looks at anything else: the same answer, without the round trip.
-            refusals.warn(space, "%s with tag 0x%04x: TPM_RC_BAD_TAG", _name(command),
-                          int.from_bytes(command[0:2], "big"))
-            return error_response(TPM_RC.BAD_TAG)
+            return self.answer_bad_tag(space, command)
         if parsed is None or attrs is None:
             return error_response(rm_rc(TPM_RC.COMMAND_CODE))
         refusal = self.check_ownership(space, parsed)
@@ -173,6 +169,20 @@ class Executor:
             raise  # answered as the TPM answers it: see execute()
         except TPMParseError as exc:
             raise RMError(errno.EINVAL, f"{cc_name(code)}: malformed: {exc}") from exc
+
+    def answer_bad_tag(self, space: Space, command: bytes) -> bytes:
+        """The kernel passes a command with a bad tag on, and the TPM refuses it at the tag
+        before it reads further (libtpms: TPM_RC_BAD_TAG or TPM_RC_VALUE, by tag). The TPM
+        answers here too, but it is sent the header alone: none of the command's handles
+        reach the TPM."""
+        header = command[0:2] + TPM_HEADER_SIZE.to_bytes(4, "big") + command[6:10]
+        try:
+            response = self.link.transmit(header)
+        except BackendError as exc:
+            raise RMError(errno.EIO, f"TPM backend failed: {exc}") from exc
+        refusals.warn(space, "%s with tag 0x%04x: the TPM answered 0x%03x", _name(command),
+                      int.from_bytes(command[0:2], "big"), _rc(response))
+        return response
 
     # -- own ------------------------------------------------------------------------------
 

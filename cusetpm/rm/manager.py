@@ -1,8 +1,10 @@
-"""The resource manager: spaces in, one TPM worker, commands in FIFO order.
+"""The resource manager: spaces in, one TPM worker, commands in the scheduler's order.
 
 Frontends call open_space/submit/cancel/close_space from any thread; everything that
-touches the TPM or the RM's tables runs one job at a time, in arrival order, so a long
-command (RSA key generation) never lets a later one overtake it.
+touches the TPM or the RM's tables runs one job at a time: whoever holds `_current` (the
+worker thread, or a submitter running its command inline on an idle TPM). Which queued job
+runs next is scheduler.py's choice: quick commands before slow ones, with aging and a fair
+share per uid (`schedule="fair"`), or arrival order (`schedule="fifo"`).
 
 A command that needs a new session while the TPM has none free does not block the others:
 it waits in a FIFO of its own (`_waiters`). A session freed by anyone goes to the first
@@ -29,6 +31,7 @@ from cusetpm.rm.config import RMConfig
 from cusetpm.rm.errors import RMError
 from cusetpm.rm.execute import Executor, SessionsExhausted
 from cusetpm.rm.regap import Regapper
+from cusetpm.rm.scheduler import Scheduler
 from cusetpm.rm.sessions import SessionTable
 from cusetpm.rm.space import Space
 from cusetpm.rm.tpmlink import TpmLink
@@ -66,6 +69,16 @@ class Job:
     command: bytes = b""  # for command jobs: what the client sent
     waiting_since: float | None = None  # set while it waits for a TPM session
     handed_off: bool = False  # a freed session was handed to it: it may not be overtaken
+    queued_at: float = 0.0  # set by the scheduler when it joins the queue
+    deadline: float = float("inf")  # the scheduler's aging bound for it
+
+    @property
+    def space_key(self) -> int:
+        return self.space.id
+
+    @property
+    def uid(self) -> int:
+        return self.space.uid
 
 
 @dataclass
@@ -102,6 +115,7 @@ class ResourceManager:
         self._next_service = float("inf")  # when the waiters need looking at again
         self.wait_stats = WaitStats()
         self.regapper: Regapper | None = None
+        self.scheduler = Scheduler(self.config.schedule == "fair", self.config.aging)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -227,7 +241,11 @@ class ResourceManager:
         with self._cv:
             for job in [*self._handed, *self._queue]:
                 if job.space is space and job.is_command:
-                    (self._handed if job in self._handed else self._queue).remove(job)
+                    if job in self._handed:
+                        self._handed.remove(job)
+                    else:
+                        self._queue.remove(job)
+                        self.scheduler.removed(job)
                     self._busy.discard(space)
                     job.future.set_exception(RMError(errno.EINTR, "command cancelled"))
                     return
@@ -271,6 +289,7 @@ class ResourceManager:
 
     def _enqueue(self, job: Job) -> None:
         self._queue.append(job)
+        self.scheduler.enqueued(job, self._queue)
         self._cv.notify()
 
     def _work(self) -> None:
@@ -297,7 +316,7 @@ class ResourceManager:
             self.sessions.freed != self._freed_seen or time.monotonic() >= self._next_service
         ):
             return Job(Space(uid=-1), self._serve_waiters)
-        return self._queue.popleft() if self._queue else None
+        return self.scheduler.pick(self._queue) if self._queue else None
 
     def _run_job(self, job: Job) -> None:
         """Runs a job that holds _current, on whichever thread it was given to.
@@ -308,6 +327,10 @@ class ResourceManager:
         result: Any = None
         error: BaseException | None = None
         parked = False
+        if job.is_command:
+            with self._cv:
+                self.scheduler.started(job)
+        started = time.perf_counter()
         try:
             result = self._command(job) if job.run is None else job.run()
         except SessionsExhausted:
@@ -318,6 +341,8 @@ class ResourceManager:
             log.exception("space %d: internal error", job.space.id)
             error = RMError(errno.EIO, f"internal error: {exc!r}")
         with self._cv:
+            if job.is_command:
+                self.scheduler.finished(job, time.perf_counter() - started)
             self._current = None
             if parked:
                 self._park(job)

@@ -1,4 +1,5 @@
-"""What happens to one client command, in order. Runs on the RM's worker thread only.
+"""What happens to one client command, in order. Runs for whoever holds the manager's `_current`
+job: the worker thread, or a submitter running its command inline on an idle TPM.
 
 validate  -> framing, command code (the TPM's own list), handle and auth areas
 own       -> every transient handle and session named must belong to the space

@@ -33,7 +33,7 @@ class SavedObject:
 
 @dataclass
 class Space:
-    """What one descriptor owns. Touched only by the RM's worker thread (and open/close)."""
+    """What one descriptor owns. Touched by whoever holds the manager's `_current` job."""
 
     uid: int = 0
     id: int = field(default_factory=lambda: next(_space_ids))

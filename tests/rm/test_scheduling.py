@@ -186,3 +186,83 @@ def test_user_with_20_descriptors_vs_user_with_one(make_rm: RMFactory, schedule:
         assert share >= 8.0, done
     for s in [*many, one]:
         rm.close_space(s)
+
+
+class CancelWaitsForAnother(FaultyBackend):
+    """cancel() reaches the TPM only once another space's key generation has started (or
+    after a bound): the window in which a cancel read from a stale `_current` would land on
+    the wrong command, made as wide as a test needs."""
+
+    def __init__(self, inner):  # type: ignore[no-untyped-def]
+        super().__init__(inner)
+        self.other_started = threading.Event()
+
+    def cancel(self) -> None:
+        self.other_started.wait(timeout=2.0)
+        super().cancel()
+
+
+def test_cancel_never_hits_another_spaces_command(make_rm: RMFactory) -> None:
+    """Space A cancels its command just as it completes, and B's RSA key generation starts:
+    B's command must not come back TPM_RC_CANCELED (issue 13 §5)."""
+    rm = make_rm(config=RMConfig(schedule="fifo"), wrap=CancelWaitsForAnother)
+    tpm = rm.backend
+    assert isinstance(tpm, CancelWaitsForAnother)
+    a, b = RawClient(rm, rm.open_space()), RawClient(rm, rm.open_space())
+    gate = tpm.hold(TPM_CC.GetRandom)
+    mark = tpm.mark()
+    mine = rm.submit(a.space, build.get_random(4))
+    assert tpm.wait_started(TPM_CC.GetRandom, mark)
+    theirs = rm.submit(b.space, create_primary_command(rsa2048_storage_template()))
+    cancelling = threading.Thread(target=rm.cancel, args=(a.space,))
+    cancelling.start()
+
+    def release_then_watch() -> None:
+        gate.set()  # A's command finishes; B's keygen may start
+        if tpm.wait_started(TPM_CC.CreatePrimary, mark, timeout=5):
+            tpm.other_started.set()
+
+    watcher = threading.Thread(target=release_then_watch)
+    watcher.start()
+    assert rc_of(theirs.result(timeout=60)) == 0, "another space's keygen was cancelled"
+    rc_of(mine.result(timeout=60))  # A's own outcome may be either
+    cancelling.join()
+    watcher.join()
+    for c in (a, b):
+        rm.close_space(c.space)
+    assert_tpm_empty(rm)
+
+
+def test_interrupts_racing_completions_many_times(make_rm: RMFactory) -> None:
+    """Cancels from other threads while commands complete (futures are completed outside the
+    RM's lock; a completion callback may call back into the RM): no deadlock, every future
+    completes, every space is usable after."""
+    rm = make_rm()
+    spaces = [rm.open_space() for _ in range(4)]
+    rounds = 2500
+    errors: list[BaseException] = []
+
+    def client(space: Space) -> None:
+        try:
+            for _ in range(rounds):
+                future = rm.submit(space, build.get_random(2))
+                # a callback that re-enters the RM, as the file ops' completion does
+                future.add_done_callback(lambda f, s=space: rm.open_spaces)
+                rm.cancel(space)
+                try:
+                    future.result(timeout=30)
+                except Exception as exc:  # EINTR when the cancel won
+                    assert getattr(exc, "errno", None) == 4, exc
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in spaces]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "deadlock: a client never finished"
+    assert not errors, errors[:3]
+    for space in spaces:
+        assert rc_of(rm.transmit(space, build.get_random(2))) == 0
+        rm.close_space(space)

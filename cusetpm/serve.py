@@ -298,12 +298,15 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace, stop: _StopSignals) -> int:
-    from cusetpm.backends import BackendError, open_backend
+    from cusetpm.backends import BackendError, open_backend, resolve_auto
 
     plan = plan_node(args)
     config = _rm_config(args)
+    spec = resolve_auto(args.backend)
+    if spec != args.backend:
+        log.info("--backend %s: %s", args.backend, spec)
     try:
-        backend = open_backend(args.backend, args.state_dir)
+        backend = open_backend(spec, args.state_dir)
     except (BackendError, OSError, ValueError) as e:
         _remove_mountpoint(plan)
         raise ServeError(f"cannot open backend {args.backend}: {e}") from e

@@ -109,6 +109,8 @@ class Executor:
         # Objects and sessions the TPM held before the RM started (firmware may keep some):
         # never flushed by the RM.
         self.baseline: set[int] = set()
+        # Sessions the RM gave up whose flush the TPM refused: flushed again at reconcile.
+        self.orphans: set[int] = set()
 
     def execute(self, space: Space, command: bytes, queue_behind: bool = False) -> bytes:
         """The response to one command. `queue_behind`: others are waiting for a TPM session,
@@ -385,7 +387,7 @@ class Executor:
         failures: list[RMError] = []
         new_object: tuple[int, int] | None = None
         if rc == 0 and attrs.rHandle and len(response) >= TPM_HEADER_SIZE + 4:
-            response, new_object = self.adopt(space, cmd, response)
+            response, new_object = self.adopt(space, cmd, response, failures)
         ended = self.ended_sessions(cmd, attrs, rc)
         for vhandle, physical in loaded.objects.items():
             if rc == 0 and attrs.flushed:
@@ -408,12 +410,14 @@ class Executor:
         return response
 
     def adopt(
-        self, space: Space, cmd: Command, response: bytes
+        self, space: Space, cmd: Command, response: bytes, failures: list[RMError]
     ) -> tuple[bytes, tuple[int, int] | None]:
         handle = int.from_bytes(response[TPM_HEADER_SIZE : TPM_HEADER_SIZE + 4], "big")
         if is_session_handle(handle):
             self.sessions.add(handle, space)
-            self.save_session_or_forget(handle)
+            # A new session that cannot be saved is flushed: the client must not be told it
+            # has one (its first use would fail).
+            self.save_session_or_forget(handle, failures)
             return response, None
         if not is_transient_handle(handle):
             return response, None
@@ -497,7 +501,7 @@ class Executor:
     def close(self, space: Space) -> None:
         """Nothing of the space stays in the TPM, but the sessions it saved for later."""
         for entry in self.sessions.owned_by(space):
-            self.link.flush_quietly(entry.handle)
+            self.flush_forgotten(entry.handle)
             self.sessions.forget(entry.handle)
         for handle in sorted(space.client_saved):
             saved = self.sessions.get(handle)
@@ -507,12 +511,29 @@ class Executor:
         for vhandle in list(space.objects):
             space.drop_object(vhandle)
         space.evicted.clear()
+        if self.orphans:
+            try:
+                self.reconcile()
+            except BackendError as exc:
+                log.warning("TPM backend failing at close (%s); will reconcile later", exc)
+
+    def flush_forgotten(self, handle: int) -> None:
+        """Flush a session the RM stops accounting for. A refused flush would leave it in
+        the TPM (saved, where reconcile's listing of loaded sessions does not see it) with
+        nobody to free it: it is remembered and flushed again at the next reconcile."""
+        try:
+            self.link.flush(handle)
+        except ContextError as exc:
+            if not exc.gone:
+                log.warning("%s; will flush again", exc)
+                self.orphans.add(handle)
+                self.reconcile_needed = True
 
     def prune_abandoned(self) -> None:
         abandoned = self.sessions.abandoned_oldest_first()
         for entry in abandoned[: max(0, len(abandoned) - self.config.max_abandoned_sessions)]:
             log.info("abandoned session 0x%08x flushed: too many abandoned", entry.handle)
-            self.link.flush_quietly(entry.handle)
+            self.flush_forgotten(entry.handle)
             self.sessions.forget(entry.handle)
 
     # -- exhaustion -----------------------------------------------------------------------
@@ -568,7 +589,8 @@ class Executor:
 
         Transient objects and loaded sessions the RM does not account for are flushed
         (but those present when the RM started: firmware may own them); sessions the RM had
-        loaded are saved again, or dropped (their owners get the evicted error) if lost.
+        loaded are saved again, or dropped (their owners get the evicted error) if lost;
+        sessions the RM gave up but could not flush (`orphans`) are flushed again.
         """
         for handle in self.tpm_handles(TPM_HT.TRANSIENT):
             if handle not in self.baseline:
@@ -580,13 +602,22 @@ class Executor:
                 self.save_session_or_forget(handle)
             elif handle not in self.baseline:
                 self.link.flush_quietly(handle)
+        for handle in sorted(self.orphans):
+            if self.sessions.get(handle) is None:  # else the TPM gave the number out again
+                try:
+                    self.link.flush(handle)
+                except ContextError as exc:
+                    if not exc.gone:
+                        log.warning("%s; will flush again", exc)
+                        continue
+            self.orphans.discard(handle)
         for entry in self.sessions:
             if entry.context is None and entry.handle not in loaded:
                 self.link.flush_quietly(entry.handle)
                 if entry.owner is not None:
                     entry.owner.evicted.add(entry.handle)
                 self.sessions.forget(entry.handle)
-        self.reconcile_needed = False
+        self.reconcile_needed = bool(self.orphans)
         log.info("reconciled the TPM with the RM's tables")
 
     def tpm_handles(self, kind: int) -> list[int]:

@@ -1,3 +1,3 @@
-"""tests/clients: the node's fixtures are tests/frontends' (one freshly served node per module)."""
+"""The node fixtures of tests/frontends (a freshly served FUSE node per module), reused."""
 
-from tests.frontends.conftest import daemon, inproc, make_daemon, node, tcti  # noqa: F401
+from tests.frontends.conftest import daemon, node, tcti  # noqa: F401

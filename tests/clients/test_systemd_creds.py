@@ -10,9 +10,7 @@ SECRET = b"a service credential sealed by the TPM"
 
 
 def creds(node: str, cwd: Path, *argv: str) -> bytes:
-    done = run(["systemd-creds", *argv, f"--tpm2-device={node}", "--name=cusetpm"], cwd,
-               )
-    return done.stdout
+    return run(["systemd-creds", *argv, f"--tpm2-device={node}", "--name=cusetpm"], cwd).stdout
 
 
 def test_encrypt_decrypt(node: str, tmp_path: Path) -> None:

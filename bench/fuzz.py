@@ -23,6 +23,7 @@ Run: python -m bench.fuzz [--commands 1000000] [--clients 4] [--phase 100000]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import multiprocessing
@@ -234,11 +235,9 @@ def client(node: str, seed: int, quota: int, captured: list[bytes], progress: An
     while stats.sent < quota:
         if rng.random() < 0.05:  # an O_NONBLOCK write never read: close with it pending
             fd = os.open(node, os.O_RDWR | os.O_NONBLOCK)
-            try:
+            with contextlib.suppress(OSError):
                 os.write(fd, wire.create_primary_ecc() if rng.random() < 0.5 else
                          wire.get_random(32))
-            except OSError:
-                pass
             os.close(fd)
             stats.sent += 1
             continue
@@ -360,10 +359,8 @@ def drop_client_held(rm: Any, guard: GuardBackend) -> None:
 
     for blob in list(guard.client_held.values()):
         space = rm.open_space()
-        try:
+        with contextlib.suppress(RMError):  # stale (loaded back by its client): fine
             rm.transmit(space, build.context_load_raw(blob))
-        except RMError:
-            pass  # stale (already loaded back by its client): fine
         rm.close_space(space)
     guard.client_held.clear()
 
@@ -408,7 +405,8 @@ def run(total: int, clients: int, phase: int, seed: int) -> dict[str, Any]:
             quota = max(1, phase // clients)
             t0 = time.monotonic()
 
-            def spawn() -> Any:
+            def spawn(quota: int = quota, progress: Any = progress,
+                      results: Any = results) -> Any:
                 nonlocal serial
                 serial += 1
                 p = ctx.Process(target=client, args=(node, seed * 1000 + serial, quota,

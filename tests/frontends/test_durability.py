@@ -186,7 +186,7 @@ def test_acknowledged_changes_survive_sigkill(make_daemon: type[Daemon], tmp_pat
         worker = threading.Thread(target=client_loop, args=(daemon.node, rng, ledger, serial))
         worker.start()
         with ledger.cond:
-            ledger.cond.wait_for(lambda: ledger.acked >= target or ledger.acked < 0, 60)
+            ledger.cond.wait_for(lambda t=target: ledger.acked >= t or ledger.acked < 0, 60)
             assert ledger.acked >= target, f"{where}: the client stopped early"
         daemon.stop(signal.SIGKILL)
         kills += 1

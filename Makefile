@@ -26,7 +26,7 @@ VM_APT_PACKAGES := qemu-system-x86 linux-image-amd64 busybox-static
 BENCH_APT_PACKAGES := tpm2-abrmd libtss2-tcti-tabrmd0 dbus
 
 .PHONY: all setup apt-deps client-deps kselftest-src vm-deps bench-deps venv run test test-vm \
-        bench bench-quick conformance lint install install-udev clean
+        bench bench-quick conformance soak fuzz lint install install-udev clean
 
 all: setup
 
@@ -103,6 +103,17 @@ bench-quick: setup bench-deps
 # `make bench` runs only the host rows and this target writes bench/results/conformance.md.
 conformance: setup bench-deps
 	CUSETPM_CONFORMANCE_GUEST=1 $(PY) -m bench --only conformance
+
+# Long runs, not part of `make test`: 30 minutes of clients opening and closing the FUSE node
+# (daemon RSS each minute, bench/results/soak.md), and a million hostile commands through it
+# (bench/results/fuzz.md). SOAK_ARGS / FUZZ_ARGS pass options (--minutes, --commands, ...).
+SOAK_ARGS ?=
+FUZZ_ARGS ?=
+soak: setup bench-deps
+	$(PY) -m bench.soak $(SOAK_ARGS)
+
+fuzz: setup
+	$(PY) -m bench.fuzz $(FUZZ_ARGS)
 
 lint: setup
 	$(PY) -m ruff check cusetpm tests bench native

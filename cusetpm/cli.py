@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--backend",
         default="libtpms",
-        help="libtpms | swtpm:tcp:HOST:PORT | swtpm:unix:PATH | device:/dev/tpmN "
-        "(default: libtpms)",
+        help="auto | libtpms | swtpm:tcp:HOST:PORT | swtpm:unix:PATH | device:/dev/tpmN "
+        "(default: libtpms; auto: device:/dev/tpm0 where the kernel has a TPM, else libtpms)",
     )
     serve.add_argument("--state-dir", default="/var/lib/cusetpm", help="libtpms state directory")
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")

@@ -88,6 +88,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-sessions", type=int, help="sessions per space")
     parser.add_argument("--max-spaces", type=int, help="open descriptors (spaces) in total")
     parser.add_argument(
+        "--schedule", choices=("fair", "fifo"), default="fair",
+        help="fair: quick TPM commands before slow ones, aging, a fair share per uid "
+        "(default); fifo: arrival order",
+    )
+    parser.add_argument(
+        "--aging", type=float, default=2.0, metavar="FACTOR",
+        help="fair schedule: no queued command waits more than FACTOR times its FIFO wait "
+        "(default 2)",
+    )
+    parser.add_argument(
         "--fuse-debug", action="store_true", help="let libfuse print every request (stderr)"
     )
 
@@ -230,7 +240,10 @@ def _rm_config(args: argparse.Namespace) -> RMConfig:
     for key, value in given.items():
         if value < 1:
             raise ServeError(f"--{key.replace('_', '-')} must be at least 1")
-    return RMConfig(**given)
+    aging = getattr(args, "aging", 2.0)
+    if not aging >= 1.0:
+        raise ServeError("--aging must be at least 1 (1: never later than in arrival order)")
+    return RMConfig(**given, schedule=getattr(args, "schedule", "fair"), aging=aging)
 
 
 def _apply_cuse_mode(spec: NodeSpec) -> None:
@@ -285,12 +298,15 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace, stop: _StopSignals) -> int:
-    from cusetpm.backends import BackendError, open_backend
+    from cusetpm.backends import BackendError, open_backend, resolve_auto
 
     plan = plan_node(args)
     config = _rm_config(args)
+    spec = resolve_auto(args.backend)
+    if spec != args.backend:
+        log.info("--backend %s: %s", args.backend, spec)
     try:
-        backend = open_backend(args.backend, args.state_dir)
+        backend = open_backend(spec, args.state_dir)
     except (BackendError, OSError, ValueError) as e:
         _remove_mountpoint(plan)
         raise ServeError(f"cannot open backend {args.backend}: {e}") from e

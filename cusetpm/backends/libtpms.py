@@ -31,7 +31,7 @@ from cusetpm.tpm.constants import TPM_SU
 from cusetpm.tpm.rc import TPM_RC
 
 from .base import HEADER_SIZE, Backend, BackendError, check_response, response_code
-from .nvstore import StateDir
+from .nvstore import StateDir, StateDirLocked, StateLock
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +249,7 @@ class LibtpmsBackend(Backend):
         self._resp_len_ref = ctypes.byref(self._resp_len)
         self._resp_cap_ref = ctypes.byref(self._resp_cap)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock: StateLock | None = None
         self._open()
         if startup:
             try:
@@ -267,12 +268,21 @@ class LibtpmsBackend(Backend):
                     f"libtpms: {_open_backend.name} is already open in this process; "
                     "libtpms is a process-wide singleton, close it before opening another"
                 )
+            # swtpm's lock first: nothing of the directory is read while another TPM owns it.
+            try:
+                self._lock = StateLock.acquire(self.state_dir)
+            except StateDirLocked as e:
+                raise BackendError(f"libtpms: {e.strerror}") from None
+            except OSError as e:
+                raise BackendError(f"libtpms: cannot lock {self.state_dir}: {e}") from e
             _nv = StateDir(self.state_dir)
             resumed = _nv.exists("volatilestate")
             try:
                 self._init_locked()
             except BaseException:
                 _nv = None
+                self._lock.release()
+                self._lock = None
                 raise
             if resumed:
                 # MainInit consumed the volatile state; a stale copy must not be
@@ -332,6 +342,9 @@ class LibtpmsBackend(Backend):
                     self._resp_cap.value = 0
                 _open_backend = None
                 _nv = None
+                if self._lock is not None:
+                    self._lock.release()  # last: the state on disk is complete now
+                    self._lock = None
         log.info("%s: closed", self.name)
 
     def _shutdown_locked(self) -> None:

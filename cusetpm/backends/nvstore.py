@@ -17,6 +17,8 @@ header with no TLV. Encrypted state (a swtpm --key) is refused: cusetpm has no k
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import logging
 import os
 import struct
@@ -34,9 +36,76 @@ _FLAG_ENCRYPTED = 0x01
 
 NAMES = ("permall", "volatilestate", "savestate")
 
+LOCK_FILE = ".lock"
+# struct flock on Linux x86-64/aarch64: short l_type, short l_whence, off_t l_start,
+# off_t l_len, pid_t l_pid (padded to 32 bytes).
+_FLOCK = struct.Struct("hhxxxxqqixxxx")
+
 
 class StateFormatError(ValueError):
     """A state file exists but is not something we can read."""
+
+
+class StateDirLocked(OSError):
+    """Another process (a cusetpm, a swtpm) holds the state directory's lock."""
+
+
+def _holder(fd: int) -> str:
+    """Who holds a conflicting lock on fd's file: "swtpm (pid 123)", or "" if unknown."""
+    try:
+        probe = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        l_type, _, _, _, pid = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_GETLK, probe))
+    except OSError:
+        return ""
+    if l_type == fcntl.F_UNLCK or pid <= 0:
+        return ""
+    try:
+        comm = open(f"/proc/{pid}/comm").read().strip()  # noqa: SIM115 - one read
+    except OSError:
+        comm = "process"
+    return f"{comm} (pid {pid})"
+
+
+@dataclass
+class StateLock:
+    """swtpm's exclusive lock on DIR/.lock, taken the way swtpm takes it.
+
+    swtpm (SWTPM_NVRAM_Lock_Lockfile) opens DIR/.lock and puts a POSIX record lock
+    (fcntl F_SETLK, F_WRLCK, whole file) on it for its whole life. cusetpm does exactly
+    the same, so a cusetpm and a swtpm, or two of either, never run one state directory at
+    once; the kernel drops the lock when the holder dies, even by SIGKILL. A POSIX lock
+    belongs to the process and goes away when *any* descriptor of the file is closed in it:
+    nothing else in cusetpm opens .lock.
+    """
+
+    path: Path
+    fd: int = -1
+
+    @classmethod
+    def acquire(cls, directory: Path) -> StateLock:
+        path = Path(directory) / LOCK_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o660)
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+        except OSError as e:
+            holder = _holder(fd) if e.errno in (errno.EACCES, errno.EAGAIN) else ""
+            os.close(fd)
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            by = f" by {holder}" if holder else " by another process"
+            raise StateDirLocked(
+                e.errno,
+                f"state directory {directory} is in use{by} (it holds {path}): a second "
+                "TPM on the same state would overwrite the first one's NV; stop it or "
+                "choose another --state-dir",
+            ) from None
+        log.debug("locked %s", path)
+        return cls(path, fd)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)  # closing the descriptor drops the POSIX lock
 
 
 def file_name(name: str, tpm_number: int = 0) -> str:

@@ -248,7 +248,8 @@ class TpmFileOps:
         return -err
 
     def _completed(self, f: OpenFile, fut: Future[bytes]) -> None:
-        """RM worker thread: the command finished (response or errno)."""
+        """Whoever completed the future (RM worker, an inline submitter, or a cancel), with
+        no RM lock held: the command finished (response or errno)."""
         response, err = _outcome(f, fut)
         out = _Outbox()
         with f.lock:

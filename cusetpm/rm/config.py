@@ -26,3 +26,8 @@ class RMConfig:
     session_timeout: float = 2.0
     session_evict_after: float = 0.5
     session_wait_max: float = 10.0
+    # Scheduling (scheduler.py): "fair" runs quick commands before slow ones, with aging and a
+    # fair share per uid; "fifo" keeps arrival order. `aging`: a queued command is overdue
+    # (runs next) once it has waited `aging` times its expected FIFO wait (2: at most twice).
+    schedule: str = "fair"
+    aging: float = 2.0

@@ -1,4 +1,5 @@
-"""What happens to one client command, in order. Runs on the RM's worker thread only.
+"""What happens to one client command, in order. Runs for whoever holds the manager's `_current`
+job: the worker thread, or a submitter running its command inline on an idle TPM.
 
 validate  -> framing, command code (the TPM's own list), handle and auth areas
 own       -> every transient handle and session named must belong to the space
@@ -233,6 +234,8 @@ class Executor:
             return None  # a response the RM wrote itself would break the session's HMAC
         if cmd.commandCode == TPM_CC.FlushContext:
             return self.flush_for_client(space, cmd)
+        if _plain_read_public(cmd):
+            return space.objects[cmd.handles[0]].read_public  # None: not asked yet
         if cmd.commandCode == TPM_CC.GetCapability:
             query = handles_query(cmd.parameters)
             if query is not None:
@@ -406,6 +409,10 @@ class Executor:
             raise failures[0]
         if rc == 0 and cmd.commandCode == TPM_CC.GetCapability and cmd.tag == TPM_ST.NO_SESSIONS:
             response = rewrite_properties(response)
+        if rc == 0 and _plain_read_public(cmd):
+            entry = space.objects.get(cmd.handles[0])
+            if entry is not None:
+                entry.read_public = response  # no handle in it: valid however it is loaded
         return response
 
     def adopt(
@@ -654,6 +661,17 @@ def _name(command: bytes) -> str:
 
 def cmd_code(command: bytes) -> int:
     return int.from_bytes(command[6:10], "big")
+
+
+def _plain_read_public(cmd: Command) -> bool:
+    """ReadPublic of a transient object, well formed, without sessions: its answer depends on
+    nothing but the object, so the RM keeps the first and gives it again (no TPM command)."""
+    return (
+        cmd.commandCode == TPM_CC.ReadPublic
+        and cmd.tag == TPM_ST.NO_SESSIONS
+        and not cmd.parameters
+        and is_transient_handle(cmd.handles[0])
+    )
 
 
 def absent_handle_rc(cmd: Command, position: int) -> int:

@@ -29,11 +29,14 @@ class SavedObject:
     # the RM only flushes them after use. Sequence objects (and blobs of unknown kind loaded by
     # the client) change with every command and are saved again.
     mutable: bool
+    # The TPM's answer to a ReadPublic without sessions (outPublic, name, qualifiedName): the
+    # public area of a loaded object never changes, so later ones are answered from it.
+    read_public: bytes | None = None
 
 
 @dataclass
 class Space:
-    """What one descriptor owns. Touched only by the RM's worker thread (and open/close)."""
+    """What one descriptor owns. Touched by whoever holds the manager's `_current` job."""
 
     uid: int = 0
     id: int = field(default_factory=lambda: next(_space_ids))

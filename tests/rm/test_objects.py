@@ -157,7 +157,7 @@ def test_same_handle_twice_is_loaded_once(client: RawClient) -> None:
     key_tr = esys.tr_from_tpmpublic(key)
     storage_tr = esys.tr_from_tpmpublic(storage)
     before = rm.round_trips
-    client.read_public(key)
+    client.context_save(key)  # a command on the key alone: load, command, flush
     one_handle = rm.round_trips - before
     # Certify with objectHandle == signHandle (self-certification)
     before, retries = rm.round_trips, rm.link.stats.retries

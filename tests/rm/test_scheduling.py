@@ -12,6 +12,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future
+from dataclasses import replace
 
 import pytest
 
@@ -266,3 +267,39 @@ def test_interrupts_racing_completions_many_times(make_rm: RMFactory) -> None:
     for space in spaces:
         assert rc_of(rm.transmit(space, build.get_random(2))) == 0
         rm.close_space(space)
+
+
+@pytest.mark.parametrize("schedule", ["fair", "fifo"])
+def test_waiter_handed_a_session_is_not_overtaken(make_rm: RMFactory, schedule: str) -> None:
+    """Sessions exhausted, a StartAuthSession waits. While the flush that frees a session is
+    at the TPM, quick commands of other spaces queue up: the waiter handed the freed session
+    runs before them (the scheduler never reorders hand-offs), in either mode."""
+    from tests.rm.test_exhaustion import TPM_SESSIONS, config, fill, park
+
+    rm = make_rm(config=replace(config(), schedule=schedule), wrap=FaultyBackend)
+    tpm = rm.backend
+    assert isinstance(tpm, FaultyBackend)
+    holder = RawClient(rm, rm.open_space())
+    held = fill(holder, TPM_SESSIONS)
+    waiter = RawClient(rm, rm.open_space())
+    waiting = park(rm, waiter)
+    quick = [RawClient(rm, rm.open_space()) for _ in range(3)]
+    gate = tpm.hold(TPM_CC.FlushContext)
+    mark = tpm.mark()
+    flushed = rm.submit(holder.space, build.flush_context(held[0]))
+    assert tpm.wait_started(TPM_CC.FlushContext, mark)
+    quick_ones = [rm.submit(c.space, build.get_random(2 + i)) for i, c in enumerate(quick)]
+    gate.set()
+    assert rc_of(flushed.result(timeout=30)) == 0
+    assert rc_of(waiting.result(timeout=30)) == 0
+    assert all(rc_of(f.result(timeout=30)) == 0 for f in quick_ones)
+    order = [
+        "session" if command_code(c) == TPM_CC.StartAuthSession
+        else f"random:{int.from_bytes(c[10:12], 'big')}"
+        for c in tpm.reached_tpm(mark)
+        if command_code(c) in (TPM_CC.StartAuthSession, TPM_CC.GetRandom)
+    ]
+    assert order == ["session", "random:2", "random:3", "random:4"]
+    for c in (holder, waiter, *quick):
+        rm.close_space(c.space)
+    assert_tpm_empty(rm)

@@ -126,31 +126,45 @@ def test_aging_bound_under_a_stream_of_quick_commands(make_rm: RMFactory) -> Non
     slow_client = RawClient(rm, rm.open_space())
     tpm.slow(0.004, {TPM_CC.GetRandom})  # quick, but long enough for a queue to stay
     stop = threading.Event()
-    slow_done: Future[bytes] = Future()
+    streams_done = threading.Semaphore(0)
 
+    # Each quick client sends its next command from its answer's completion callback (run
+    # before the completing thread picks again): a quick command is always queued, so the
+    # slow one can only run by reaching its deadline.
     def stream(client: RawClient) -> None:
-        while not stop.is_set():
-            client.get_random(4)
+        def answered(future: Future[bytes]) -> None:
+            assert rc_of(future.result()) == 0
+            if stop.is_set():
+                streams_done.release()
+            else:
+                stream(client)
 
-    threads = [threading.Thread(target=stream, args=(c,)) for c in quick]
-    for t in threads:
-        t.start()
+        rm.submit(client.space, build.get_random(4)).add_done_callback(answered)
+
+    gate = tpm.hold(TPM_CC.GetRandom)
+    mark = tpm.mark()
+    stream(quick[0])
+    assert tpm.wait_started(TPM_CC.GetRandom, mark)
+    for c in quick[1:]:
+        stream(c)
     slow = rm.submit(slow_client.space, create_primary_command(ecc_signing_template()))
-    slow.add_done_callback(lambda f: slow_done.set_result(f.result()))
-    assert rc_of(slow_done.result(timeout=60)) == 0
+    gate.set()
+    assert rc_of(slow.result(timeout=60)) == 0
     after = len(picks)
     while len(picks) < after + 8:  # quick ones go on after it
         time.sleep(0.01)
     stop.set()
-    for t in threads:
-        t.join()
+    for _ in quick:
+        assert streams_done.acquire(timeout=30)
     slow_index = next(i for i, (_, job) in enumerate(picks) if job.space is slow_client.space)
     slow_job = picks[slow_index][1]
     overtook = [when for when, job in picks[:slow_index] if job.queued_at > slow_job.queued_at]
     assert overtook, "quick commands queued after it should have run first"
-    # ... but only before its deadline
-    assert all(when < slow_job.deadline for when in overtook)
+    # ... but only before its deadline: then it ran, as overdue, before the quick ones queued
+    assert all(when < slow_job.deadline for when in overtook), len(overtook)
+    assert picks[slow_index][0] >= slow_job.deadline
     assert rm.scheduler.stats.overdue >= 1
+    assert any(job.queued_at < picks[slow_index][0] for _, job in picks[slow_index + 1 :])
     for c in [*quick, slow_client]:
         rm.close_space(c.space)
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cusetpm.backends.base import Backend, BackendError
+from cusetpm.policy import NodePolicy
 from cusetpm.rm import refusals
 from cusetpm.rm.commandtable import CommandTable
 from cusetpm.rm.config import RMConfig
@@ -168,7 +169,9 @@ class ResourceManager:
 
     # -- spaces ---------------------------------------------------------------------------
 
-    def open_space(self, uid: int = 0) -> Space:
+    def open_space(
+        self, uid: int = 0, pid: int = 0, node: str = "", policy: NodePolicy | None = None
+    ) -> Space:
         with self._cv:
             if self._stopping:
                 raise RMError(errno.ESHUTDOWN, "the resource manager is stopping")
@@ -177,7 +180,7 @@ class ResourceManager:
             per_uid = self.config.max_spaces_per_uid
             if per_uid is not None and self._per_uid[uid] >= per_uid:
                 raise RMError(errno.EMFILE, f"uid {uid} has {per_uid} open spaces, the limit")
-            space = Space(uid=uid)
+            space = Space(uid=uid, pid=pid, node=node, policy=policy)
             self._spaces.add(space)
             self._per_uid[uid] += 1
         log.debug("space %d opened (uid %d)", space.id, uid)

@@ -6,6 +6,8 @@ import heapq
 import itertools
 from dataclasses import dataclass, field
 
+from cusetpm.policy import NodePolicy
+
 # Virtual transient handles: 0x80FFFFFF, 0x80FFFFFE, ... as the kernel numbers its slots.
 VHANDLE_BASE = 0x80FFFFFF
 
@@ -40,6 +42,11 @@ class Space:
 
     uid: int = 0
     id: int = field(default_factory=lambda: next(_space_ids))
+    # the node this descriptor was opened on, its policy (None: everything allowed) and opener
+    node: str = ""
+    policy: NodePolicy | None = None
+    pid: int = 0
+    policy_logged: set[int] = field(default_factory=set)  # command codes refused and logged
     objects: dict[int, SavedObject] = field(default_factory=dict)  # by virtual handle
     # session handles this space owns (their contexts live in the RM's session table)
     sessions: set[int] = field(default_factory=set)

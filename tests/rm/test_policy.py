@@ -1,0 +1,92 @@
+"""Node policies through the RM: a refused command gets the RM-layer code and never reaches
+the TPM; what the TPM holds is unchanged (checked from a `full` space of the same RM)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from cusetpm.policy import NodePolicy
+from cusetpm.rm import ResourceManager
+from cusetpm.tpm.constants import TPM_CC, TPM_RH
+from cusetpm.tpm.rc import TPM_RC, rm_rc
+from tests.rm.client import RawClient, pw_session, raw_command, rc_of
+from tests.rm.conftest import RMFactory
+from tests.rm.faults import FaultyBackend
+
+REFUSED = 0x000B0120
+SHA256 = 0x000B  # TPM_ALG_SHA256
+assert rm_rc(TPM_RC.DISABLED) == REFUSED
+
+
+def pcr_read(pcr: int) -> bytes:
+    bitmap = (1 << pcr).to_bytes(3, "little")  # pcrSelect: PCR n is bit n%8 of byte n//8
+    select = struct.pack(">IHB", 1, SHA256, 3) + bitmap
+    return raw_command(TPM_CC.PCR_Read, [], select)
+
+
+def pcr_extend(pcr: int) -> bytes:
+    digests = struct.pack(">IH", 1, SHA256) + b"\x11" * 32
+    return raw_command(TPM_CC.PCR_Extend, [pcr], digests, pw_session())
+
+
+DENIED_ON_USER = {
+    "tpm2_clear": raw_command(TPM_CC.Clear, [TPM_RH.LOCKOUT], b"", pw_session()),
+    "tpm2_evictcontrol": raw_command(
+        TPM_CC.EvictControl, [TPM_RH.OWNER, 0x80000000], struct.pack(">I", 0x81000001),
+        pw_session()),
+    "tpm2_nvdefine": raw_command(
+        TPM_CC.NV_DefineSpace, [TPM_RH.OWNER],
+        struct.pack(">H", 0) + struct.pack(">HIHIHH", 14, 0x01800001, SHA256, 0x60006,
+                                           0, 8), pw_session()),
+    "tpm2_changeauth -c owner": raw_command(
+        TPM_CC.HierarchyChangeAuth, [TPM_RH.OWNER], struct.pack(">H", 2) + b"pw", pw_session()),
+    "tpm2_dictionarylockout --clear-lockout": raw_command(
+        TPM_CC.DictionaryAttackLockReset, [TPM_RH.LOCKOUT], b"", pw_session()),
+    "tpm2_pcrextend 0": pcr_extend(0),
+    "PolicySecret with lockout": raw_command(
+        TPM_CC.PolicySecret, [TPM_RH.LOCKOUT, 0x03000000], b"\0" * 14, pw_session()),
+    "tpm2_setclock": raw_command(TPM_CC.ClockSet, [TPM_RH.OWNER], struct.pack(">Q", 1 << 40),
+                                 pw_session()),
+}
+
+
+@pytest.fixture
+def nodes(make_rm: RMFactory) -> tuple[ResourceManager, FaultyBackend, RawClient, RawClient]:
+    rm = make_rm(wrap=FaultyBackend)
+    backend = rm.backend
+    assert isinstance(backend, FaultyBackend)
+    user = RawClient(rm, rm.open_space(uid=1000, pid=4242, node="tpmrm-user",
+                                       policy=NodePolicy.from_profile("user")))
+    full = RawClient(rm, rm.open_space(node="tpmrm0", policy=NodePolicy.from_profile("full")))
+    return rm, backend, user, full
+
+
+@pytest.mark.parametrize("what", sorted(DENIED_ON_USER))
+def test_refused_on_user_never_reaches_the_tpm(nodes, what: str, caplog) -> None:
+    rm, backend, user, full = nodes
+    pcr0_before = full.send(pcr_read(0))
+    sent_before = len(backend.log)
+    command = DENIED_ON_USER[what]
+    for _ in range(3):
+        assert rc_of(user.send(command)) == REFUSED, what
+    assert len(backend.log) == sent_before  # nothing of the three reached the TPM
+    assert full.send(pcr_read(0)) == pcr0_before
+    logged = [r for r in caplog.records if "refused" in r.getMessage()
+              and "tpmrm-user" in r.getMessage()]
+    assert len(logged) == 1, "logged once per space and command code"
+    assert "pid 4242 uid 1000" in logged[0].getMessage()
+    assert sum(rm._executor.policy_refusals.values()) == 3
+
+
+def test_allowed_on_user_and_full(nodes) -> None:
+    rm, _, user, full = nodes
+    user.create_primary(hierarchy=TPM_RH.OWNER)
+    before = user.send(pcr_read(16))
+    assert rc_of(user.send(pcr_extend(16))) == 0
+    assert user.send(pcr_read(16)) != before
+    pcr0 = full.send(pcr_read(0))
+    assert rc_of(full.send(pcr_extend(0))) == 0  # full: the same command reaches the TPM
+    assert full.send(pcr_read(0)) != pcr0
+    assert not rm._executor.policy_refusals

@@ -293,6 +293,15 @@ class ResourceManager:
         return self.link.stats.round_trips
 
     @property
+    def set_node_policy(self, node: str, policy: NodePolicy | None) -> int:
+        """SIGHUP: the open spaces of `node` follow its new policy; returns how many."""
+        with self._cv:
+            spaces = [s for s in self._spaces if s.node == node]
+            for space in spaces:
+                space.policy = policy
+                space.policy_logged.clear()
+        return len(spaces)
+
     def open_spaces(self) -> int:
         with self._cv:
             return len(self._spaces)

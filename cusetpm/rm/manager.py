@@ -292,7 +292,6 @@ class ResourceManager:
     def round_trips(self) -> int:
         return self.link.stats.round_trips
 
-    @property
     def set_node_policy(self, node: str, policy: NodePolicy | None) -> int:
         """SIGHUP: the open spaces of `node` follow its new policy; returns how many."""
         with self._cv:
@@ -302,6 +301,7 @@ class ResourceManager:
                 space.policy_logged.clear()
         return len(spaces)
 
+    @property
     def open_spaces(self) -> int:
         with self._cv:
             return len(self._spaces)

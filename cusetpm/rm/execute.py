@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 SUCCESS_RESPONSE = error_response(0)  # a bare 10-byte TPM_RC_SUCCESS
 # A command the node's policy refuses: RM layer | TPM_RC_DISABLED (0x000B0120), tpm2_rc_decode:
-# "resmgr: TPM_RC_DISABLED: the command is disabled".
+# "rmt:error(2.0): the command is disabled".
 POLICY_REFUSED = rm_rc(TPM_RC.DISABLED)
 # The TPM has no room for another session (handles, or memory to load one).
 NO_SESSION_ROOM = frozenset({TPM_RC.SESSION_HANDLES, TPM_RC.SESSION_MEMORY})

@@ -38,6 +38,7 @@ from cusetpm.policy import NodePolicy
 if TYPE_CHECKING:
     from cusetpm.backends import Backend
     from cusetpm.config import DaemonConfig
+    from cusetpm.frontends.control import ControlServer
     from cusetpm.frontends.files import TpmFileOps
     from cusetpm.frontends.native import NodeSession
     from cusetpm.rm import ResourceManager, RMConfig
@@ -108,6 +109,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--policy", choices=("full", "user", "attest"), default="full",
         help="what the node may do (README: Nodes, profiles and quotas); default full",
+    )
+    parser.add_argument(
+        "--control", metavar="PATH",
+        help="serve `cusetpm status` on this unix socket (0600; e.g. /run/cusetpm/control); "
+        "a --config file may name it as control = PATH",
     )
     parser.add_argument(
         "--config", metavar="FILE",
@@ -409,6 +415,7 @@ def _serve_backend(
     except (BackendError, RMError, OSError) as e:
         raise ServeError(f"the TPM behind {backend.name} did not answer: {e}") from e
     served: list[_Served] = []
+    control = _start_control(args, rm)
     try:
         for plan in plans:
             ops = TpmFileOps(rm, NativeReplies(), node=plan.node, policy=plan.policy)
@@ -452,9 +459,28 @@ def _serve_backend(
             rm.stop()
         raise
     finally:
+        if control is not None:
+            control.stop()
         if served:
             _shutdown(served, rm)
     return status
+
+
+def _start_control(args: argparse.Namespace, rm: ResourceManager) -> ControlServer | None:
+    from cusetpm.frontends.control import ControlServer
+
+    path = getattr(args, "control", None)
+    if path is None and getattr(args, "config", None):
+        path = _load_config(args.config).control
+    if path is None:
+        return None
+    server = ControlServer(rm, path)
+    try:
+        server.start()
+    except OSError as e:
+        rm.stop()
+        raise ServeError(f"--control {path}: {e.strerror or e}") from e
+    return server
 
 
 def _reload(args: argparse.Namespace, served: list[_Served], rm: ResourceManager) -> None:

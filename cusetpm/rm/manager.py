@@ -29,6 +29,7 @@ from cusetpm.policy import NodePolicy
 from cusetpm.rm import refusals
 from cusetpm.rm.commandtable import CommandTable
 from cusetpm.rm.config import RMConfig
+from cusetpm.rm.counters import Counters
 from cusetpm.rm.errors import RMError
 from cusetpm.rm.execute import Executor, SessionsExhausted
 from cusetpm.rm.regap import Regapper
@@ -115,6 +116,7 @@ class ResourceManager:
         self._freed_seen = 0  # sessions.freed when the waiters were last served
         self._next_service = float("inf")  # when the waiters need looking at again
         self.wait_stats = WaitStats()
+        self.counters = Counters()  # for `cusetpm status` (rm/status.py)
         self.regapper: Regapper | None = None
         self.scheduler = Scheduler(self.config.schedule == "fair", self.config.aging)
 
@@ -506,6 +508,10 @@ class ResourceManager:
         except RMError as exc:
             refusals.warn(space, "%s refused: %s", _name(command), exc)
             raise
+        code = int.from_bytes(command[6:10], "big") if len(command) >= 10 else -1
+        self.counters.command(code, time.perf_counter() - started)
+        space.commands += 1
+        space.last_command, space.last_rc = code, int.from_bytes(response[6:10], "big")
         if log.isEnabledFor(logging.DEBUG):
             rc = int.from_bytes(response[6:10], "big")
             log.debug(

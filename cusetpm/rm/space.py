@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import time
 from dataclasses import dataclass, field
 
 from cusetpm.policy import NodePolicy
@@ -47,6 +48,10 @@ class Space:
     policy: NodePolicy | None = None
     pid: int = 0
     policy_logged: set[int] = field(default_factory=set)  # command codes refused and logged
+    opened: float = field(default_factory=time.time)
+    commands: int = 0  # for `cusetpm status`
+    last_command: int | None = None
+    last_rc: int | None = None
     objects: dict[int, SavedObject] = field(default_factory=dict)  # by virtual handle
     # session handles this space owns (their contexts live in the RM's session table)
     sessions: set[int] = field(default_factory=set)

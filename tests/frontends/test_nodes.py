@@ -4,9 +4,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,3 +106,53 @@ def test_sighup_rereads_policies_and_keeps_config_on_errors(two_nodes, tmp_path)
     os.kill(d.proc.pid, signal.SIGHUP)
     wait_for_log(d, "policy changed (profile user -> full)")
     assert tool(*extend, tcti=user).returncode == 0
+
+
+def test_status_while_clients_run(tmp_path: Path) -> None:
+    """`cusetpm status` (text and JSON) with one client holding a descriptor open on the user
+    node and tpm2-tools refused there: its space, the refusal and the counters are shown."""
+    require_fuse()
+    full, user = tmp_path / "full", tmp_path / "user"
+    config = tmp_path / "nodes.toml"
+    write_config(config, full, user)
+    control = tmp_path / "control"
+    config.write_text(f'control = "{control}"\n' + config.read_text())
+    d = ConfigDaemon(mount=full, state=tmp_path / "state", log_path=tmp_path / "d.log",
+                     config=config)
+    d.start()
+    try:
+        assert oct(os.stat(control).st_mode & 0o777) == "0o600"
+        assert tool("tpm2_getrandom", "8", "--hex", tcti=f"device:{full}/tpmrm0").returncode == 0
+        assert REFUSED in tool("tpm2_clear", tcti=f"device:{user}/tpmrm0").stderr.lower()
+        fd = os.open(f"{user}/tpmrm0", os.O_RDWR)  # a client still running
+        try:
+            getrandom = bytes.fromhex("80010000000c0000017b0008")
+            os.write(fd, getrandom)
+            assert os.read(fd, 4096)[6:10] == b"\0\0\0\0"
+            out = subprocess.run(
+                [sys.executable, "-m", "cusetpm", "status", "--json", "--control", str(control)],
+                capture_output=True, text=True, timeout=60, check=True)
+            status = json.loads(out.stdout)
+            spaces = status["nodes"][f"{user}/tpmrm0"]
+            assert [s["pid"] for s in spaces] == [os.getpid()]
+            assert spaces[0]["uid"] == os.getuid()
+            assert spaces[0]["commands"] == 1 and spaces[0]["last_command"] == "GetRandom"
+            assert spaces[0]["last_rc"] == "0x00000000"
+            refusals = status["counters"]["refusals"][f"{user}/tpmrm0"]
+            assert sum(refusals.values()) == 1 and "Clear" in next(iter(refusals))
+            assert status["per_command"]["GetRandom"]["count"] >= 2
+            assert status["counters"]["round_trips"] >= status["counters"]["commands"] - 1
+            assert status["tpm"]["sessions_max"] > 0
+            text = subprocess.run(
+                [sys.executable, "-m", "cusetpm", "status", "--control", str(control)],
+                capture_output=True, text=True, timeout=60, check=True).stdout
+            assert f"node {user}/tpmrm0: 1 open" in text
+            assert "GetRandom" in text and "refused on" in text
+            header = next(line for line in text.splitlines() if line.startswith("command"))
+            assert header.split() == ["command", "count", "p50", "us", "p99", "us"]
+        finally:
+            os.close(fd)
+    finally:
+        d.stop()
+        lazy_unmount(user)
+    assert not control.exists()

@@ -21,7 +21,8 @@ NODE_KEYS = frozenset({
     "name", "fuse_mount", "mode", "user", "group", "profile", "allow", "deny",
     "hierarchies", "min_pcr", "nv_write", "nv_define", "persistent",
 })
-LIMIT_KEYS = frozenset({"max_objects", "max_sessions", "max_spaces", "max_spaces_per_uid"})
+LIMIT_KEYS = frozenset({"max_objects", "max_sessions", "max_spaces", "max_spaces_per_uid",
+                        "max_sessions_per_uid"})
 TOP_KEYS = frozenset({"node", "limits", "control"})
 
 

@@ -325,7 +325,18 @@ class Executor:
         if creates == "session" and self.session_count(space) >= self.config.max_sessions:
             name = cc_name(cmd.commandCode)
             return self.over_limit(space, name, "sessions", TPM_RC.SESSION_MEMORY)
+        per_uid = self.config.max_sessions_per_uid
+        if (creates == "session" and per_uid is not None and space.uid != 0
+                and self.uid_sessions(space.uid) >= per_uid):  # root is not limited
+            refusals.warn(space, "%s refused: uid %d holds %d sessions, its limit",
+                          cc_name(cmd.commandCode), space.uid, per_uid)
+            return error_response(rm_rc(TPM_RC.SESSION_MEMORY))
         return None
+
+    def uid_sessions(self, uid: int) -> int:
+        """Sessions charged to a uid over all its spaces (every node)."""
+        return sum(1 for entry in self.sessions if entry.owner is not None
+                   and entry.owner.uid == uid)
 
     @staticmethod
     def session_count(space: Space) -> int:

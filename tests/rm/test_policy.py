@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from cusetpm.policy import NodePolicy
-from cusetpm.rm import ResourceManager
+from cusetpm.rm import ResourceManager, RMConfig
 from cusetpm.tpm.constants import TPM_CC, TPM_RH
 from cusetpm.tpm.rc import TPM_RC, rm_rc
 from tests.rm.client import RawClient, pw_session, raw_command, rc_of
@@ -90,3 +90,28 @@ def test_allowed_on_user_and_full(nodes) -> None:
     assert rc_of(full.send(pcr_extend(0))) == 0  # full: the same command reaches the TPM
     assert full.send(pcr_read(0)) != pcr0
     assert not rm._executor.policy_refusals
+
+
+def test_sessions_per_uid_across_nodes(make_rm: RMFactory) -> None:
+    """A uid's sessions count over its spaces on every node; root is not limited."""
+    rm = make_rm(config=RMConfig(max_sessions_per_uid=2))
+    user_policy = NodePolicy.from_profile("user")
+    a = RawClient(rm, rm.open_space(uid=1000, node="tpmrm-user", policy=user_policy))
+    b = RawClient(rm, rm.open_space(uid=1000, node="tpmrm-attest",
+                                    policy=NodePolicy.from_profile("attest")))
+    root = RawClient(rm, rm.open_space(uid=0, node="tpmrm0"))
+    a.start_session()
+    b.start_session()
+    over = a.send(start_session_command())
+    assert rc_of(over) == 0x000B0903
+    for _ in range(3):
+        root.start_session()
+    rm.close_space(b.space)
+    a.start_session()  # b's session went with its descriptor
+
+
+def start_session_command() -> bytes:
+    nonce = struct.pack(">H", 16) + b"\x01" * 16
+    # no salt; sessionType HMAC, symmetric TPM_ALG_NULL, authHash SHA-256
+    params = nonce + b"\0\0" + struct.pack(">BHH", 0x00, 0x0010, SHA256)
+    return raw_command(TPM_CC.StartAuthSession, [TPM_RH.NULL, TPM_RH.NULL], params)

@@ -6,9 +6,12 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from cusetpm.policy import NodePolicy
-from cusetpm.rm import ResourceManager, RMConfig
+from cusetpm.policy import NodePolicy, decide
+from cusetpm.rm import ResourceManager, RMConfig, RMError
+from cusetpm.tpm.command import parse_command
 from cusetpm.tpm.constants import TPM_CC, TPM_RH
 from cusetpm.tpm.rc import TPM_RC, rm_rc
 from tests.rm.client import RawClient, pw_session, raw_command, rc_of
@@ -115,3 +118,50 @@ def start_session_command() -> bytes:
     # no salt; sessionType HMAC, symmetric TPM_ALG_NULL, authHash SHA-256
     params = nonce + b"\0\0" + struct.pack(">BHH", 0x00, 0x0010, SHA256)
     return raw_command(TPM_CC.StartAuthSession, [TPM_RH.NULL, TPM_RH.NULL], params)
+
+
+DENIED_SEEN: set[int] = set()  # the fuzz pass must exercise denials, checked below
+HANDLE_CHOICES = [TPM_RH.OWNER, TPM_RH.LOCKOUT, TPM_RH.PLATFORM, TPM_RH.ENDORSEMENT,
+                  TPM_RH.NULL, 0, 7, 16, 23, 0x01800001, 0x01C00002, 0x81000001, 0x80000000]
+
+
+@settings(derandomize=True, max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_user_node_backend_never_sees_a_denied_command(nodes, data) -> None:  # type: ignore[no-untyped-def]
+    """Random commands (every code, hierarchy/PCR/NV/persistent handles, random parameters)
+    on a `user` space: whatever the policy denies is answered 0x000B0120 and is not sent."""
+    rm, backend, user, _full = nodes
+    code = data.draw(st.sampled_from(sorted(TPM_CC)))
+    attrs = rm._executor.table.lookup(code)
+    # mostly the TPM's own handle count, so that the policy sees what the RM parses
+    count = attrs.cHandles if attrs is not None and data.draw(st.integers(0, 4)) else None
+    handles = data.draw(st.lists(st.sampled_from(HANDLE_CHOICES), min_size=count or 0,
+                                 max_size=count if count is not None else 3))
+    params = data.draw(st.binary(max_size=24))
+    with_session = data.draw(st.booleans())
+    command = raw_command(code, handles, params, pw_session() if with_session else None)
+    before = len(backend.log)
+    try:
+        response = user.send(command)
+    except RMError:  # malformed: refused (EINVAL) before the policy, never sent either
+        assert code not in [s.code for s in backend.log[before:]]
+        return
+    sent = [s.code for s in backend.log[before:]]
+    if rc_of(response) == REFUSED:
+        assert code not in sent
+    policy = user.space.policy
+    assert policy is not None
+    if attrs is None or len(handles) != attrs.cHandles:
+        return  # the RM refuses it before the policy (unknown code, or unparseable)
+    denied = not decide(policy, parse_command(command, attrs.cHandles)).allowed
+    if denied:
+        assert rc_of(response) == REFUSED, TPM_CC(code).name
+        assert code not in sent, TPM_CC(code).name
+        DENIED_SEEN.add(code)
+
+
+
+def test_fuzz_pass_exercised_denials() -> None:
+    """Runs after the fuzz pass in file order: it met many denied codes (derandomized)."""
+    assert len(DENIED_SEEN) >= 20, sorted(DENIED_SEEN)

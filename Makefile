@@ -85,7 +85,7 @@ run: setup
 
 # The CUSE tests run in a guest kernel (tests/test_vm_guest.py), so the suite needs vm-deps.
 test: setup client-deps kselftest-src vm-deps
-	CUSETPM_KSELFTEST_DIR=$(KSELFTEST_DIR) $(PY) -m pytest $(PYTEST_ARGS)
+	CUSETPM_REQUIRE_ALL=1 CUSETPM_KSELFTEST_DIR=$(KSELFTEST_DIR) $(PY) -m pytest $(PYTEST_ARGS)
 
 # The CUSE tests alone, in Debian's kernel under qemu: one boot (~20 s) runs tests/vm/guest.
 # VM_PYTEST_ARGS picks another guest selection, e.g. VM_PYTEST_ARGS='tests/vm/guest -k tpmrm'.

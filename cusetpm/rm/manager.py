@@ -220,6 +220,7 @@ class ResourceManager:
             )
             if inline:
                 self._current = job
+                self.scheduler.started(job)  # under the lock already taken: no extra hop
             else:
                 self._enqueue(job)
         if inline:
@@ -328,6 +329,8 @@ class ResourceManager:
                     job = self._next_job()
                 else:
                     self._current = job
+                    if job.is_command:
+                        self.scheduler.started(job)
             if job is None:
                 _fail(dropped, RMError(errno.ESHUTDOWN, "RM stopping"))
                 return
@@ -354,9 +357,6 @@ class ResourceManager:
         result: Any = None
         error: BaseException | None = None
         parked = False
-        if job.is_command:
-            with self._cv:
-                self.scheduler.started(job)
         started = time.perf_counter()
         try:
             result = self._command(job) if job.run is None else job.run()

@@ -129,6 +129,8 @@ install: setup install-udev
 	install -D -m 0644 udev/cusetpm.service /etc/systemd/system/cusetpm.service
 	sed -i 's#@BINDIR@#$(abspath $(VENV))/bin#' /etc/systemd/system/cusetpm.service
 	-systemctl daemon-reload
+	@# the sample multi-node config; an existing one is the operator's and stays
+	test -e /etc/cusetpm/cusetpm.toml || install -D -m 0644 udev/cusetpm.toml /etc/cusetpm/cusetpm.toml
 	@echo "enable it with: systemctl enable --now cusetpm"
 
 clean:

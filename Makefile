@@ -13,13 +13,20 @@ BENCH_ARGS  ?=
 # libtss2 (tpm2-pytss builds against it), libfuse3 (the native shim), a compiler.
 APT_PACKAGES := libtpms0 libtpms-dev swtpm swtpm-tools tpm2-tools libtss2-dev \
                 libfuse3-dev fuse3 gcc pkg-config python3-dev python3-venv
+# The real programs tests/clients runs through the node (systemd-creds comes with systemd).
+CLIENT_APT_PACKAGES := tpm2-openssl clevis clevis-tpm2 libtpm2-pkcs11-1 libtpm2-pkcs11-tools \
+                       opensc jose
+# The kernel's own TPM selftests (tests/frontends/test_kselftest.py) come from this package,
+# fetched at test time and never committed: only tools/testing/selftests/tpm2 is kept.
+KSELFTEST_PACKAGE := linux-source-6.1
+KSELFTEST_DIR     ?= /var/cache/cusetpm/kselftest-tpm2
 # The guest kernel for the CUSE tests (make test-vm); virtme-ng comes with the venv.
 VM_APT_PACKAGES := qemu-system-x86 linux-image-amd64 busybox-static
 # The peers `make bench` compares against: tpm2-abrmd on a session D-Bus.
 BENCH_APT_PACKAGES := tpm2-abrmd libtss2-tcti-tabrmd0 dbus
 
-.PHONY: all setup apt-deps vm-deps bench-deps venv run test test-vm bench bench-quick \
-        conformance soak fuzz lint install install-udev clean
+.PHONY: all setup apt-deps client-deps kselftest-src vm-deps bench-deps venv run test test-vm \
+        bench bench-quick conformance soak fuzz lint install install-udev clean
 
 all: setup
 
@@ -37,6 +44,24 @@ endef
 
 apt-deps:
 	$(call apt_install,$(APT_PACKAGES))
+
+client-deps:
+	$(call apt_install,$(CLIENT_APT_PACKAGES))
+
+# Extracts the selftests' Python files from the package's source tarball (~12 s, once).
+kselftest-src:
+	@if [ ! -f $(KSELFTEST_DIR)/tpm2_tests.py ]; then \
+	    set -e; tmp=$$(mktemp -d); cd $$tmp; \
+	    echo "fetching the kernel's TPM selftests from $(KSELFTEST_PACKAGE)"; \
+	    apt-get download $(KSELFTEST_PACKAGE) 2>/dev/null || \
+	        { apt-get update -qq && apt-get download $(KSELFTEST_PACKAGE); }; \
+	    dpkg-deb --fsys-tarfile $(KSELFTEST_PACKAGE)_*.deb \
+	        | tar -xO --wildcards './usr/src/$(KSELFTEST_PACKAGE).tar.xz' \
+	        | tar -xJ --wildcards '*/tools/testing/selftests/tpm2/*.py'; \
+	    mkdir -p $(KSELFTEST_DIR); \
+	    cp $(KSELFTEST_PACKAGE)/tools/testing/selftests/tpm2/*.py $(KSELFTEST_DIR)/; \
+	    cd /; rm -rf $$tmp; \
+	fi
 
 vm-deps: venv
 	$(call apt_install,$(VM_APT_PACKAGES))
@@ -59,12 +84,12 @@ run: setup
 	$(PY) -m cusetpm serve --backend libtpms --state-dir $(STATE_DIR) $(RUN_ARGS)
 
 # The CUSE tests run in a guest kernel (tests/test_vm_guest.py), so the suite needs vm-deps.
-test: setup vm-deps
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: setup client-deps kselftest-src vm-deps
+	CUSETPM_REQUIRE_ALL=1 CUSETPM_KSELFTEST_DIR=$(KSELFTEST_DIR) $(PY) -m pytest $(PYTEST_ARGS)
 
 # The CUSE tests alone, in Debian's kernel under qemu: one boot (~20 s) runs tests/vm/guest.
 # VM_PYTEST_ARGS picks another guest selection, e.g. VM_PYTEST_ARGS='tests/vm/guest -k tpmrm'.
-test-vm: vm-deps
+test-vm: client-deps kselftest-src vm-deps
 	$(PY) -m tests.vm.harness $(VM_PYTEST_ARGS)
 
 bench: setup bench-deps
@@ -104,6 +129,8 @@ install: setup install-udev
 	install -D -m 0644 udev/cusetpm.service /etc/systemd/system/cusetpm.service
 	sed -i 's#@BINDIR@#$(abspath $(VENV))/bin#' /etc/systemd/system/cusetpm.service
 	-systemctl daemon-reload
+	@# the sample multi-node config; an existing one is the operator's and stays
+	test -e /etc/cusetpm/cusetpm.toml || install -D -m 0644 udev/cusetpm.toml /etc/cusetpm/cusetpm.toml
 	@echo "enable it with: systemctl enable --now cusetpm"
 
 clean:

@@ -19,5 +19,6 @@ SECTIONS: list[str] = [
     "bench.node",
     "bench.compare",
     "bench.scale",
+    "bench.schedule",
     "bench.guest_bench",  # boots the guest kernel; skipped (and says so) with --quick
 ]

@@ -57,12 +57,12 @@ def _unavailable() -> str | None:
 
 
 @contextmanager
-def _daemon(tmp: Path) -> Iterator[tuple[str, int]]:
+def _daemon(tmp: Path, extra: tuple[str, ...] = ()) -> Iterator[tuple[str, int]]:
     """A `cusetpm serve --fuse-mount` subprocess; yields the node's path and the pid."""
     mount = tmp / "mnt"
     proc = subprocess.Popen(
         [sys.executable, "-m", "cusetpm", "serve", "--fuse-mount", str(mount),
-         "--state-dir", str(tmp / "node-state"), "--log-level", "WARNING"],
+         "--state-dir", str(tmp / "node-state"), "--log-level", "WARNING", *extra],
         stdout=subprocess.PIPE, text=True,
     )
     try:

@@ -25,6 +25,7 @@ from cusetpm.tpm.response import parse_response
 Transmit = Callable[[bytes], bytes]
 
 ALG_SHA256, ALG_NULL, ALG_ECC, ALG_AES, ALG_CFB, ALG_ECDSA = 0x0B, 0x10, 0x23, 0x06, 0x43, 0x18
+ALG_RSA = 0x01
 ECC_NIST_P256 = 0x0003
 ST_HASHCHECK = 0x8024
 # fixedTPM | fixedParent | sensitiveDataOrigin | userWithAuth | restricted | decrypt
@@ -56,12 +57,22 @@ def policy_signing_template(unique: int = 0) -> bytes:
     return _tpm2b(body)
 
 
-def create_primary(transmit: Transmit, template: bytes) -> int:
+def rsa2048_storage_template() -> bytes:
+    """An RSA-2048 restricted decryption key: the TPM generates primes (slow)."""
+    params = struct.pack(">HHHHHI", ALG_AES, 128, ALG_CFB, ALG_NULL, 2048, 0)
+    body = struct.pack(">HHI", ALG_RSA, ALG_SHA256, STORAGE) + _tpm2b(b"") + params
+    return _tpm2b(body + _tpm2b(b""))
+
+
+def create_primary_command(template: bytes) -> bytes:
     params = struct.pack(">HHH", 4, 0, 0) + template + b"\0\0" + b"\0\0\0\0"
-    command = Command(
+    return Command(
         TPM_ST.SESSIONS, TPM_CC.CreatePrimary, [TPM_RH.OWNER], [AuthCommand(TPM_RS_PW)], params
-    )
-    return _handle(transmit(command.to_bytes()))
+    ).to_bytes()
+
+
+def create_primary(transmit: Transmit, template: bytes) -> int:
+    return _handle(transmit(create_primary_command(template)))
 
 
 def start_session(transmit: Transmit, session_type: int) -> int:

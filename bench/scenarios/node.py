@@ -375,6 +375,31 @@ def iso_use_other_space_session(target: Target, quick: bool) -> Outcome:
     return Outcome.check(refused and owner == "rc 0x0", f"B {used}, A {owner}")
 
 
+@scenario("isolation", kernel_defined=True)
+def iso_flush_absent_session(target: Target, quick: bool) -> Outcome:
+    """FlushContext of a session never started, then of A's: the TPM's rc for an absent one"""
+    with target.open() as a, target.open() as b:
+        s = wire.handle(a.transact(wire.start_auth_session(wire.SE_POLICY)))
+        absent = wire.HT_POLICY_SESSION | ((s & 0xFFFFFF) + 17) % 64
+        never, _ = attempt(b, wire.flush_context(absent))
+        a.transact(wire.flush_context(s))
+        gone, _ = attempt(a, wire.flush_context(s))
+    detail = f"never started {never}, already flushed {gone}"
+    return Outcome.check(detail == "never started rc 0x1cb, already flushed rc 0x1cb", detail)
+
+
+@scenario("file", kernel_defined=True)
+def fs_bad_tag(target: Target, quick: bool) -> Outcome:
+    """GetRandom with tag 0x8003: the TPM's answer (the kernel passes it on), not an errno"""
+    with target.open() as c:
+        bad = bytearray(wire.get_random(8))
+        bad[0:2] = (0x8003).to_bytes(2, "big")
+        what, _ = attempt(c, bytes(bad))
+        after, _ = attempt(c, wire.get_random(8))
+    detail = f"tag 0x8003 {what}, then {after}"
+    return Outcome.check(detail == "tag 0x8003 rc 0x84, then rc 0x0", detail)
+
+
 @scenario("isolation", kernel_defined=False)
 def iso_flush_other_space_session(target: Target, quick: bool) -> Outcome:
     """space B flushes A's saved session (the kernel's hole): pass = refused, A's session intact"""

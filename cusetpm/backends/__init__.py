@@ -7,18 +7,36 @@ backend module is imported only when its spec is asked for.
 from __future__ import annotations
 
 import os
+import stat
 
 from .base import Backend, BackendError
 
-__all__ = ["Backend", "BackendError", "open_backend", "parse_spec"]
+__all__ = ["Backend", "BackendError", "open_backend", "parse_spec", "resolve_auto"]
 
-SPEC_HELP = ('"libtpms" (or "libtpms:STATE_DIR"), "swtpm:tcp:HOST:PORT", '
+SPEC_HELP = ('"auto", "libtpms" (or "libtpms:STATE_DIR"), "swtpm:tcp:HOST:PORT", '
              '"swtpm:unix:PATH" or "device:/dev/tpmN"')
+
+# `auto`: the kernel's first TPM when the machine has one, else the embedded libtpms.
+AUTO_DEVICE = "/dev/tpm0"
+
+
+def resolve_auto(spec: str, device: str = AUTO_DEVICE) -> str:
+    """The spec `auto` stands for here: device:/dev/tpm0 if that is a character device (a
+    hardware or firmware TPM the kernel drives), else libtpms. Other specs are returned."""
+    if spec != "auto":
+        return spec
+    try:
+        is_device = stat.S_ISCHR(os.stat(device).st_mode)
+    except OSError:
+        is_device = False
+    return f"device:{device}" if is_device else "libtpms"
 
 
 def parse_spec(spec: str) -> tuple[str, tuple[str, ...]]:
     """Split a backend spec into (kind, arguments); ValueError if malformed."""
     kind, _, rest = spec.partition(":")
+    if spec == "auto":
+        return kind, ()
     if kind == "libtpms":
         return kind, (rest,) if rest else ()
     if kind == "device" and rest:
@@ -38,7 +56,7 @@ def parse_spec(spec: str) -> tuple[str, tuple[str, ...]]:
 
 def open_backend(spec: str, state_dir: str | os.PathLike[str] | None = None) -> Backend:
     """Open the TPM that spec names. state_dir is for libtpms only."""
-    kind, args = parse_spec(spec)
+    kind, args = parse_spec(resolve_auto(spec))
     if kind == "libtpms":
         from .libtpms import LibtpmsBackend
 

@@ -1,8 +1,16 @@
 """GetCapability(TPM_CAP_HANDLES) answered from the caller's own space.
 
-Between commands the RM holds nothing in the TPM, so the TPM's own lists say nothing useful
-about a space; the RM knows exactly what each space owns and answers for it, as the TPM would:
-ascending from `property`, at most `propertyCount`, moreData when more remain.
+The TPM's own lists say nothing useful about a space (they hold every space's contexts, or
+none); the RM knows exactly what each space owns and answers for it, as the kernel does:
+
+- transient objects: the kernel loads a space's objects in slot order into an otherwise
+  empty TPM, so the TPM lists them as 0x80000000, 0x80000001, ... and the kernel maps each
+  back to its virtual handle. `property` therefore counts slots, not virtual handles: the
+  kernel selftest pages with count 1 and `property += 1`. The RM answers the same way: the
+  space's objects in slot order (0x80FFFFFF first), starting at slot `property - 0x80000000`;
+- sessions keep their physical handles: ascending by session index from `property`.
+
+At most `propertyCount` handles, moreData when more remain.
 """
 
 from __future__ import annotations
@@ -46,8 +54,9 @@ def answer_handles(space: Space, prop: int, count: int, client_saved: list[int])
     """The full response to GetCapability(TPM_CAP_HANDLES, prop, count) for this space."""
     kind = handle_type(prop)
     if kind == TPM_HT.TRANSIENT:
-        # Virtual handles count downward; the list is ascending, like the TPM's.
-        candidates = sorted(h for h in space.objects if h >= prop)
+        # Slot order: virtual handles count downward from 0x80FFFFFF.
+        slots = sorted(space.objects, reverse=True)
+        candidates = slots[prop & TPM_HR_HANDLE_MASK :]
     else:
         # Session lists are ordered by session index (the low 24 bits), whatever the type.
         sessions = space.sessions if kind == TPM_HT.HMAC_SESSION else client_saved

@@ -11,6 +11,9 @@ class RMConfig:
     max_sessions: int = 16  # sessions per space (kernel: 3)
     max_spaces: int = 1024  # open spaces in total
     max_spaces_per_uid: int | None = None  # open spaces per user id; None: no per-user limit
+    # sessions per user id, over all its spaces on every node (a share of the TPM's
+    # ACTIVE_SESSIONS_MAX); root (uid 0) is not limited; None: no per-user limit
+    max_sessions_per_uid: int | None = None
     retry_first_delay: float = 0.020  # TPM_RC_RETRY/TESTING/YIELDED: 20 ms, doubling ...
     retry_max_delay: float = 2.0  # ... until the delay would exceed 2 s (the kernel's numbers)
     # Session continuation: client-saved sessions whose saving descriptor closed, kept for
@@ -26,3 +29,8 @@ class RMConfig:
     session_timeout: float = 2.0
     session_evict_after: float = 0.5
     session_wait_max: float = 10.0
+    # Scheduling (scheduler.py): "fair" runs quick commands before slow ones, with aging and a
+    # fair share per uid; "fifo" keeps arrival order. `aging`: a queued command is overdue
+    # (runs next) once it has waited `aging` times its expected FIFO wait (2: at most twice).
+    schedule: str = "fair"
+    aging: float = 2.0

@@ -1,4 +1,5 @@
-"""What happens to one client command, in order. Runs on the RM's worker thread only.
+"""What happens to one client command, in order. Runs for whoever holds the manager's `_current`
+job: the worker thread, or a submitter running its command inline on an idle TPM.
 
 validate  -> framing, command code (the TPM's own list), handle and auth areas
 own       -> every transient handle and session named must belong to the space
@@ -18,10 +19,12 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from cusetpm.backends.base import BackendError
-from cusetpm.rm import continuation
+from cusetpm.policy import decide
+from cusetpm.rm import continuation, refusals
 from cusetpm.rm.capability import answer_handles, handles_query, rewrite_properties
 from cusetpm.rm.commandtable import SESSION_CREATING, CommandTable
 from cusetpm.rm.config import RMConfig
@@ -41,16 +44,21 @@ from cusetpm.tpm.constants import (
     TPMA_CC,
     TPMA_SESSION,
     cc_name,
+    handle_type,
     is_session_handle,
     is_transient_handle,
+    session_types_at,
 )
 from cusetpm.tpm.errors import BadTagError, SizeMismatchError, TPMParseError
-from cusetpm.tpm.rc import TPM_RC, rc_base, rm_rc
+from cusetpm.tpm.rc import RC_N_SHIFT, RC_P, TPM_RC, rc_base, rm_rc
 from cusetpm.tpm.response import Response, error_response
 
 log = logging.getLogger(__name__)
 
 SUCCESS_RESPONSE = error_response(0)  # a bare 10-byte TPM_RC_SUCCESS
+# A command the node's policy refuses: RM layer | TPM_RC_DISABLED (0x000B0120), tpm2_rc_decode:
+# "rmt:error(2.0): the command is disabled".
+POLICY_REFUSED = rm_rc(TPM_RC.DISABLED)
 # The TPM has no room for another session (handles, or memory to load one).
 NO_SESSION_ROOM = frozenset({TPM_RC.SESSION_HANDLES, TPM_RC.SESSION_MEMORY})
 
@@ -106,13 +114,23 @@ class Executor:
         # Objects and sessions the TPM held before the RM started (firmware may keep some):
         # never flushed by the RM.
         self.baseline: set[int] = set()
+        # Sessions the RM gave up whose flush the TPM refused: flushed again at reconcile.
+        self.orphans: set[int] = set()
+        # policy refusals by (node, reason), for `cusetpm status`
+        self.policy_refusals: Counter[tuple[str, str]] = Counter()
 
     def execute(self, space: Space, command: bytes, queue_behind: bool = False) -> bytes:
         """The response to one command. `queue_behind`: others are waiting for a TPM session,
         so a command needing a new one must wait too (SessionsExhausted), after its checks."""
-        parsed, attrs = self.validate(space, command)
+        try:
+            parsed, attrs = self.validate(space, command)
+        except BadTagError:
+            return self.answer_bad_tag(space, command)
         if parsed is None or attrs is None:
             return error_response(rm_rc(TPM_RC.COMMAND_CODE))
+        refusal = self.check_policy(space, parsed)
+        if refusal is not None:
+            return refusal
         refusal = self.check_ownership(space, parsed)
         if refusal is not None:
             return refusal
@@ -154,23 +172,57 @@ class Executor:
         code = int.from_bytes(command[6:10], "big")
         attrs = self.table.lookup(code)
         if attrs is None:
-            log.warning("space %d: unknown command code 0x%08x refused", space.id, code)
+            refusals.warn(space, "unknown command code 0x%08x refused", code)
             return None, None
         try:
             return parse_command(command, _handle_count(code, attrs)), attrs
         except SizeMismatchError as exc:
             raise RMError(errno.EINVAL, f"{cc_name(code)}: {exc}") from exc
-        except BadTagError as exc:
-            raise RMError(errno.EINVAL, f"{cc_name(code)}: {exc}") from exc
+        except BadTagError:
+            raise  # answered as the TPM answers it: see execute()
         except TPMParseError as exc:
             raise RMError(errno.EINVAL, f"{cc_name(code)}: malformed: {exc}") from exc
 
+    def answer_bad_tag(self, space: Space, command: bytes) -> bytes:
+        """The kernel passes a command with a bad tag on, and the TPM refuses it at the tag
+        before it reads further (libtpms: TPM_RC_BAD_TAG or TPM_RC_VALUE, by tag). The TPM
+        answers here too, but it is sent the header alone: none of the command's handles
+        reach the TPM."""
+        header = command[0:2] + TPM_HEADER_SIZE.to_bytes(4, "big") + command[6:10]
+        try:
+            response = self.link.transmit(header)
+        except BackendError as exc:
+            raise RMError(errno.EIO, f"TPM backend failed: {exc}") from exc
+        refusals.warn(space, "%s with tag 0x%04x: the TPM answered 0x%03x", _name(command),
+                      int.from_bytes(command[0:2], "big"), _rc(response))
+        return response
+
     # -- own ------------------------------------------------------------------------------
+
+    def check_policy(self, space: Space, cmd: Command) -> bytes | None:
+        """The node's policy (policy/): a refused command never reaches the TPM."""
+        if space.policy is None:
+            return None
+        decision = decide(space.policy, cmd)
+        if decision.allowed:
+            return None
+        self.policy_refusals[(space.node, decision.reason)] += 1
+        if cmd.commandCode not in space.policy_logged:  # once per space and command code
+            space.policy_logged.add(cmd.commandCode)
+            log.warning("space %d: node %s pid %d uid %d: %s refused: %s", space.id,
+                        space.node, space.pid, space.uid, cc_name(cmd.commandCode),
+                        decision.reason)
+        return error_response(POLICY_REFUSED)
 
     def check_ownership(self, space: Space, cmd: Command) -> bytes | None:
         """Transient and session handles must be the space's own; anything else passes.
 
-        A session the RM evicted gets an RM-layer TPM_RC_REFERENCE_H<n>/S<n> response.
+        A transient handle of another space is EINVAL, as in the kernel. A session that is
+        not the space's (another space's, one the TPM ended, one never seen) is answered as
+        the TPM answers a session that is not there, without reaching the TPM: the kernel
+        passes session handles through, and clients (ESAPI) expect the TPM's response code
+        there, not an errno. Another space's session thus reads exactly like an absent one.
+        A session the RM evicted under exhaustion gets the RM-layer TPM_RC_REFERENCE_H<n>/S<n>.
         """
         for i, handle in enumerate(cmd.handles):
             if is_transient_handle(handle) and handle not in space.objects:
@@ -178,20 +230,25 @@ class Executor:
             if is_session_handle(handle) and handle not in space.sessions:
                 if handle in space.evicted:
                     return self.evicted(space, handle, rm_rc(TPM_RC.REFERENCE_H0 + i))
-                raise foreign_handle(handle, "handle area")
+                return self.absent_session(space, cmd, handle, absent_handle_rc(cmd, i))
         for i, session in enumerate(cmd.sessions):
             handle = session.sessionHandle
             if is_session_handle(handle) and handle not in space.sessions:
                 if handle in space.evicted:
                     return self.evicted(space, handle, rm_rc(TPM_RC.REFERENCE_S0 + i))
-                raise foreign_handle(handle, "authorization area")
+                return self.absent_session(space, cmd, handle, TPM_RC.REFERENCE_S0 + i)
         return None
+
+    def absent_session(self, space: Space, cmd: Command, handle: int, rc: int) -> bytes:
+        refusals.warn(
+            space, "%s names session 0x%08x, not this space's: answered 0x%03x",
+            cc_name(cmd.commandCode), handle, rc,
+        )
+        return error_response(rc)
 
     @staticmethod
     def evicted(space: Space, handle: int, rc: int) -> bytes:
-        log.warning(
-            "space %d: session 0x%08x was evicted under session exhaustion", space.id, handle
-        )
+        refusals.warn(space, "session 0x%08x was evicted under session exhaustion", handle)
         return error_response(rc)
 
     # -- answer ---------------------------------------------------------------------------
@@ -202,6 +259,8 @@ class Executor:
             return None  # a response the RM wrote itself would break the session's HMAC
         if cmd.commandCode == TPM_CC.FlushContext:
             return self.flush_for_client(space, cmd)
+        if _plain_read_public(cmd):
+            return space.objects[cmd.handles[0]].read_public  # None: not asked yet
         if cmd.commandCode == TPM_CC.GetCapability:
             query = handles_query(cmd.parameters)
             if query is not None:
@@ -241,7 +300,7 @@ class Executor:
         """A token presented: the session joins this space. No TPM command is needed."""
         entry = self.sessions.by_token(token)
         if entry is None:
-            log.warning("space %d: ContextLoad of a spent or unknown session token", space.id)
+            refusals.warn(space, "ContextLoad of a spent or unknown session token")
             return error_response(continuation.RC_STALE_TOKEN)
         if entry.saved_by is not space and self.session_count(space) >= self.config.max_sessions:
             return self.over_limit(space, "TPM2_ContextLoad", "sessions", TPM_RC.SESSION_MEMORY)
@@ -266,7 +325,18 @@ class Executor:
         if creates == "session" and self.session_count(space) >= self.config.max_sessions:
             name = cc_name(cmd.commandCode)
             return self.over_limit(space, name, "sessions", TPM_RC.SESSION_MEMORY)
+        per_uid = self.config.max_sessions_per_uid
+        if (creates == "session" and per_uid is not None and space.uid != 0
+                and self.uid_sessions(space.uid) >= per_uid):  # root is not limited
+            refusals.warn(space, "%s refused: uid %d holds %d sessions, its limit",
+                          cc_name(cmd.commandCode), space.uid, per_uid)
+            return error_response(rm_rc(TPM_RC.SESSION_MEMORY))
         return None
+
+    def uid_sessions(self, uid: int) -> int:
+        """Sessions charged to a uid over all its spaces (every node)."""
+        return sum(1 for entry in self.sessions if entry.owner is not None
+                   and entry.owner.uid == uid)
 
     @staticmethod
     def session_count(space: Space) -> int:
@@ -275,7 +345,7 @@ class Executor:
 
     def over_limit(self, space: Space, name: str, what: str, rc: int) -> bytes:
         limit = self.config.max_objects if what == "objects" else self.config.max_sessions
-        log.warning("space %d: %s refused: %d %s is the limit", space.id, name, limit, what)
+        refusals.warn(space, "%s refused: %d %s is the limit", name, limit, what)
         return error_response(rm_rc(rc))
 
     # -- load -----------------------------------------------------------------------------
@@ -355,7 +425,7 @@ class Executor:
         failures: list[RMError] = []
         new_object: tuple[int, int] | None = None
         if rc == 0 and attrs.rHandle and len(response) >= TPM_HEADER_SIZE + 4:
-            response, new_object = self.adopt(space, cmd, response)
+            response, new_object = self.adopt(space, cmd, response, failures)
         ended = self.ended_sessions(cmd, attrs, rc)
         for vhandle, physical in loaded.objects.items():
             if rc == 0 and attrs.flushed:
@@ -375,15 +445,21 @@ class Executor:
             raise failures[0]
         if rc == 0 and cmd.commandCode == TPM_CC.GetCapability and cmd.tag == TPM_ST.NO_SESSIONS:
             response = rewrite_properties(response)
+        if rc == 0 and _plain_read_public(cmd):
+            entry = space.objects.get(cmd.handles[0])
+            if entry is not None:
+                entry.read_public = response  # no handle in it: valid however it is loaded
         return response
 
     def adopt(
-        self, space: Space, cmd: Command, response: bytes
+        self, space: Space, cmd: Command, response: bytes, failures: list[RMError]
     ) -> tuple[bytes, tuple[int, int] | None]:
         handle = int.from_bytes(response[TPM_HEADER_SIZE : TPM_HEADER_SIZE + 4], "big")
         if is_session_handle(handle):
             self.sessions.add(handle, space)
-            self.save_session_or_forget(handle)
+            # A new session that cannot be saved is flushed: the client must not be told it
+            # has one (its first use would fail).
+            self.save_session_or_forget(handle, failures)
             return response, None
         if not is_transient_handle(handle):
             return response, None
@@ -467,7 +543,7 @@ class Executor:
     def close(self, space: Space) -> None:
         """Nothing of the space stays in the TPM, but the sessions it saved for later."""
         for entry in self.sessions.owned_by(space):
-            self.link.flush_quietly(entry.handle)
+            self.flush_forgotten(entry.handle)
             self.sessions.forget(entry.handle)
         for handle in sorted(space.client_saved):
             saved = self.sessions.get(handle)
@@ -477,12 +553,29 @@ class Executor:
         for vhandle in list(space.objects):
             space.drop_object(vhandle)
         space.evicted.clear()
+        if self.orphans:
+            try:
+                self.reconcile()
+            except BackendError as exc:
+                log.warning("TPM backend failing at close (%s); will reconcile later", exc)
+
+    def flush_forgotten(self, handle: int) -> None:
+        """Flush a session the RM stops accounting for. A refused flush would leave it in
+        the TPM (saved, where reconcile's listing of loaded sessions does not see it) with
+        nobody to free it: it is remembered and flushed again at the next reconcile."""
+        try:
+            self.link.flush(handle)
+        except ContextError as exc:
+            if not exc.gone:
+                log.warning("%s; will flush again", exc)
+                self.orphans.add(handle)
+                self.reconcile_needed = True
 
     def prune_abandoned(self) -> None:
         abandoned = self.sessions.abandoned_oldest_first()
         for entry in abandoned[: max(0, len(abandoned) - self.config.max_abandoned_sessions)]:
             log.info("abandoned session 0x%08x flushed: too many abandoned", entry.handle)
-            self.link.flush_quietly(entry.handle)
+            self.flush_forgotten(entry.handle)
             self.sessions.forget(entry.handle)
 
     # -- exhaustion -----------------------------------------------------------------------
@@ -538,7 +631,8 @@ class Executor:
 
         Transient objects and loaded sessions the RM does not account for are flushed
         (but those present when the RM started: firmware may own them); sessions the RM had
-        loaded are saved again, or dropped (their owners get the evicted error) if lost.
+        loaded are saved again, or dropped (their owners get the evicted error) if lost;
+        sessions the RM gave up but could not flush (`orphans`) are flushed again.
         """
         for handle in self.tpm_handles(TPM_HT.TRANSIENT):
             if handle not in self.baseline:
@@ -550,13 +644,22 @@ class Executor:
                 self.save_session_or_forget(handle)
             elif handle not in self.baseline:
                 self.link.flush_quietly(handle)
+        for handle in sorted(self.orphans):
+            if self.sessions.get(handle) is None:  # else the TPM gave the number out again
+                try:
+                    self.link.flush(handle)
+                except ContextError as exc:
+                    if not exc.gone:
+                        log.warning("%s; will flush again", exc)
+                        continue
+            self.orphans.discard(handle)
         for entry in self.sessions:
             if entry.context is None and entry.handle not in loaded:
                 self.link.flush_quietly(entry.handle)
                 if entry.owner is not None:
                     entry.owner.evicted.add(entry.handle)
                 self.sessions.forget(entry.handle)
-        self.reconcile_needed = False
+        self.reconcile_needed = bool(self.orphans)
         log.info("reconciled the TPM with the RM's tables")
 
     def tpm_handles(self, kind: int) -> list[int]:
@@ -588,8 +691,38 @@ class Executor:
         return named
 
 
+def _name(command: bytes) -> str:
+    return cc_name(cmd_code(command))
+
+
 def cmd_code(command: bytes) -> int:
     return int.from_bytes(command[6:10], "big")
+
+
+def _plain_read_public(cmd: Command) -> bool:
+    """ReadPublic of a transient object, well formed, without sessions: its answer depends on
+    nothing but the object, so the RM keeps the first and gives it again (no TPM command)."""
+    return (
+        cmd.commandCode == TPM_CC.ReadPublic
+        and cmd.tag == TPM_ST.NO_SESSIONS
+        and not cmd.parameters
+        and is_transient_handle(cmd.handles[0])
+    )
+
+
+def absent_handle_rc(cmd: Command, position: int) -> int:
+    """What the TPM answers for a session handle at this handle position that it does not hold.
+
+    The TPM checks the handle's type first (TPM_RC_VALUE for handle n+1), then that it is
+    loaded (TPM_RC_REFERENCE_H<n>). FlushContext names its handle as a parameter:
+    TPM_RC_HANDLE for parameter 1.
+    """
+    if cmd.commandCode == TPM_CC.FlushContext:
+        return TPM_RC.HANDLE | RC_P | (1 << RC_N_SHIFT)
+    accepted = session_types_at(cmd.commandCode, position, len(cmd.handles))
+    if handle_type(cmd.handles[position]) not in accepted:
+        return TPM_RC.VALUE | ((position + 1) << RC_N_SHIFT)
+    return TPM_RC.REFERENCE_H0 + position
 
 
 def _rc(response: bytes) -> int:

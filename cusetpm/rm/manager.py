@@ -1,8 +1,10 @@
-"""The resource manager: spaces in, one TPM worker, commands in FIFO order.
+"""The resource manager: spaces in, one TPM worker, commands in the scheduler's order.
 
 Frontends call open_space/submit/cancel/close_space from any thread; everything that
-touches the TPM or the RM's tables runs one job at a time, in arrival order, so a long
-command (RSA key generation) never lets a later one overtake it.
+touches the TPM or the RM's tables runs one job at a time: whoever holds `_current` (the
+worker thread, or a submitter running its command inline on an idle TPM). Which queued job
+runs next is scheduler.py's choice: quick commands before slow ones, with aging and a fair
+share per uid (`schedule="fair"`), or arrival order (`schedule="fifo"`).
 
 A command that needs a new session while the TPM has none free does not block the others:
 it waits in a FIFO of its own (`_waiters`). A session freed by anyone goes to the first
@@ -23,11 +25,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cusetpm.backends.base import Backend, BackendError
+from cusetpm.policy import NodePolicy
+from cusetpm.rm import refusals
 from cusetpm.rm.commandtable import CommandTable
 from cusetpm.rm.config import RMConfig
+from cusetpm.rm.counters import Counters
 from cusetpm.rm.errors import RMError
 from cusetpm.rm.execute import Executor, SessionsExhausted
 from cusetpm.rm.regap import Regapper
+from cusetpm.rm.scheduler import Scheduler
 from cusetpm.rm.sessions import SessionTable
 from cusetpm.rm.space import Space
 from cusetpm.rm.tpmlink import TpmLink
@@ -65,6 +71,16 @@ class Job:
     command: bytes = b""  # for command jobs: what the client sent
     waiting_since: float | None = None  # set while it waits for a TPM session
     handed_off: bool = False  # a freed session was handed to it: it may not be overtaken
+    queued_at: float = 0.0  # set by the scheduler when it joins the queue
+    deadline: float = float("inf")  # the scheduler's aging bound for it
+
+    @property
+    def space_key(self) -> int:
+        return self.space.id
+
+    @property
+    def uid(self) -> int:
+        return self.space.uid
 
 
 @dataclass
@@ -100,7 +116,9 @@ class ResourceManager:
         self._freed_seen = 0  # sessions.freed when the waiters were last served
         self._next_service = float("inf")  # when the waiters need looking at again
         self.wait_stats = WaitStats()
+        self.counters = Counters()  # for `cusetpm status` (rm/status.py)
         self.regapper: Regapper | None = None
+        self.scheduler = Scheduler(self.config.schedule == "fair", self.config.aging)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -153,7 +171,9 @@ class ResourceManager:
 
     # -- spaces ---------------------------------------------------------------------------
 
-    def open_space(self, uid: int = 0) -> Space:
+    def open_space(
+        self, uid: int = 0, pid: int = 0, node: str = "", policy: NodePolicy | None = None
+    ) -> Space:
         with self._cv:
             if self._stopping:
                 raise RMError(errno.ESHUTDOWN, "the resource manager is stopping")
@@ -162,7 +182,7 @@ class ResourceManager:
             per_uid = self.config.max_spaces_per_uid
             if per_uid is not None and self._per_uid[uid] >= per_uid:
                 raise RMError(errno.EMFILE, f"uid {uid} has {per_uid} open spaces, the limit")
-            space = Space(uid=uid)
+            space = Space(uid=uid, pid=pid, node=node, policy=policy)
             self._spaces.add(space)
             self._per_uid[uid] += 1
         log.debug("space %d opened (uid %d)", space.id, uid)
@@ -176,9 +196,10 @@ class ResourceManager:
                 done.set_result(None)
                 return done
             space.closed = True
-            self._drop_waiters(space, RMError(errno.EBADF, f"space {space.id} closed"))
+            dropped = self._drop_waiters(space)
             job = Job(space, lambda: self._close(space))
             self._enqueue(job)
+        _fail(dropped, RMError(errno.EBADF, f"space {space.id} closed"))
         if wait:
             job.future.result()
         return job.future
@@ -199,6 +220,7 @@ class ResourceManager:
             )
             if inline:
                 self._current = job
+                self.scheduler.started(job)  # under the lock already taken: no extra hop
             else:
                 self._enqueue(job)
         if inline:
@@ -222,20 +244,32 @@ class ResourceManager:
         return Job(space, None, is_command=True, command=command)
 
     def cancel(self, space: Space) -> None:
-        """Drop the space's queued command, or ask the TPM to cancel the running one."""
+        """Drop the space's queued command, or ask the TPM to cancel the running one.
+
+        The backend's cancel is asked with the lock held, while this space's command holds
+        the TPM: no other command can start in between (starting one takes the lock), so the
+        cancel can only hit this command or RM work of it (libtpms drops a cancel that lands
+        between commands). Every backend's cancel returns at once. The future is completed
+        after the lock is released, as every completion is.
+        """
         with self._cv:
-            for job in [*self._handed, *self._queue]:
-                if job.space is space and job.is_command:
-                    (self._handed if job in self._handed else self._queue).remove(job)
-                    self._busy.discard(space)
-                    job.future.set_exception(RMError(errno.EINTR, "command cancelled"))
-                    return
-            if self._drop_waiters(space, RMError(errno.EINTR, "command cancelled")):
-                return
-            running = self._current is not None and self._current.space is space
-        if running and self._current is not None and self._current.is_command:
-            log.info("space %d: cancelling the running command", space.id)
-            self.backend.cancel()
+            dropped = [
+                j for j in (*self._handed, *self._queue) if j.space is space and j.is_command
+            ]
+            for job in dropped:
+                if job in self._handed:
+                    self._handed.remove(job)
+                else:
+                    self._queue.remove(job)
+                    self.scheduler.removed(job)
+                self._busy.discard(space)
+            dropped += self._drop_waiters(space)
+            current = self._current
+            running = current is not None and current.space is space and current.is_command
+            if running and not dropped:
+                log.info("space %d: cancelling the running command", space.id)
+                self.backend.cancel()
+        _fail(dropped, RMError(errno.EINTR, "command cancelled"))
 
     def tpm_census(self) -> dict[str, list[int]]:
         """What the TPM itself holds (not a space's view): for tests and diagnostics."""
@@ -261,6 +295,15 @@ class ResourceManager:
     def round_trips(self) -> int:
         return self.link.stats.round_trips
 
+    def set_node_policy(self, node: str, policy: NodePolicy | None) -> int:
+        """SIGHUP: the open spaces of `node` follow its new policy; returns how many."""
+        with self._cv:
+            spaces = [s for s in self._spaces if s.node == node]
+            for space in spaces:
+                space.policy = policy
+                space.policy_logged.clear()
+        return len(spaces)
+
     @property
     def open_spaces(self) -> int:
         with self._cv:
@@ -270,6 +313,7 @@ class ResourceManager:
 
     def _enqueue(self, job: Job) -> None:
         self._queue.append(job)
+        self.scheduler.enqueued(job, self._queue)
         self._cv.notify()
 
     def _work(self) -> None:
@@ -278,12 +322,18 @@ class ResourceManager:
                 job = self._next_job()
                 while job is None:
                     if self._stopping and not (self._current or self._queue or self._handed):
-                        self._drop_waiters(None, RMError(errno.ESHUTDOWN, "RM stopping"))
-                        return
+                        dropped = self._drop_waiters(None)
+                        break
                     timeout = self._next_service - time.monotonic() if self._waiters else None
                     self._cv.wait(None if timeout is None else max(timeout, 0.0))
                     job = self._next_job()
-                self._current = job
+                else:
+                    self._current = job
+                    if job.is_command:
+                        self.scheduler.started(job)
+            if job is None:
+                _fail(dropped, RMError(errno.ESHUTDOWN, "RM stopping"))
+                return
             self._run_job(job)
 
     def _next_job(self) -> Job | None:
@@ -296,7 +346,7 @@ class ResourceManager:
             self.sessions.freed != self._freed_seen or time.monotonic() >= self._next_service
         ):
             return Job(Space(uid=-1), self._serve_waiters)
-        return self._queue.popleft() if self._queue else None
+        return self.scheduler.pick(self._queue) if self._queue else None
 
     def _run_job(self, job: Job) -> None:
         """Runs a job that holds _current, on whichever thread it was given to.
@@ -307,6 +357,7 @@ class ResourceManager:
         result: Any = None
         error: BaseException | None = None
         parked = False
+        started = time.perf_counter()
         try:
             result = self._command(job) if job.run is None else job.run()
         except SessionsExhausted:
@@ -317,6 +368,8 @@ class ResourceManager:
             log.exception("space %d: internal error", job.space.id)
             error = RMError(errno.EIO, f"internal error: {exc!r}")
         with self._cv:
+            if job.is_command:
+                self.scheduler.finished(job, time.perf_counter() - started)
             self._current = None
             if parked:
                 self._park(job)
@@ -363,7 +416,7 @@ class ResourceManager:
         config = self.config
         now = time.monotonic()
         with self._cv:
-            self._refuse_late_waiters(now)
+            late = self._late_waiters(now)
             self._freed_seen = self.sessions.freed
             room = self._executor.active_sessions_max - len(self.sessions)
             self._hand_off(room)
@@ -385,6 +438,9 @@ class ResourceManager:
                 self._hand_off(1)
         with self._cv:
             self._next_service = self._next_service_time(now)
+        refusal = error_response(rm_rc(TPM_RC.SESSION_HANDLES))
+        for job in late:
+            job.future.set_result(refusal)
 
     def _hand_off(self, count: int) -> None:
         """The first `count` waiters run next, in their order, before anything else (lock held)."""
@@ -396,7 +452,9 @@ class ResourceManager:
                 waited = time.monotonic() - job.waiting_since
                 self.wait_stats.max_wait = max(self.wait_stats.max_wait, waited)
 
-    def _refuse_late_waiters(self, now: float) -> None:
+    def _late_waiters(self, now: float) -> list[Job]:
+        """Take out the waiters past session_wait_max (lock held); the caller answers them."""
+        late = []
         for job in list(self._waiters):
             assert job.waiting_since is not None
             if now - job.waiting_since >= self.config.session_wait_max:
@@ -408,7 +466,8 @@ class ResourceManager:
                     job.space.id,
                     now - job.waiting_since,
                 )
-                job.future.set_result(error_response(rm_rc(TPM_RC.SESSION_HANDLES)))
+                late.append(job)
+        return late
 
     def _next_service_time(self, now: float) -> float:
         """When the waiters need the worker again, if no session is freed before (lock held)."""
@@ -426,14 +485,14 @@ class ResourceManager:
             times.append(max(evict_at, now + 0.001))
         return min(times)
 
-    def _drop_waiters(self, space: Space | None, error: RMError) -> bool:
-        """Fail the waiting commands of one space (or all); lock held. True if any."""
+    def _drop_waiters(self, space: Space | None) -> list[Job]:
+        """Take out the waiting commands of one space (or all); lock held. The caller fails
+        them once the lock is released (_fail)."""
         dropped = [j for j in self._waiters if space is None or j.space is space]
         for job in dropped:
             self._waiters.remove(job)
             self._busy.discard(job.space)
-            job.future.set_exception(error)
-        return bool(dropped)
+        return dropped
 
     # -- commands on the TPM --------------------------------------------------------------
 
@@ -447,8 +506,12 @@ class ResourceManager:
         try:
             response = self._executor.execute(space, command, queue_behind=behind)
         except RMError as exc:
-            log.warning("space %d: %s refused: %s", space.id, _name(command), exc)
+            refusals.warn(space, "%s refused: %s", _name(command), exc)
             raise
+        code = int.from_bytes(command[6:10], "big") if len(command) >= 10 else -1
+        self.counters.command(code, time.perf_counter() - started)
+        space.commands += 1
+        space.last_command, space.last_rc = code, int.from_bytes(response[6:10], "big")
         if log.isEnabledFor(logging.DEBUG):
             rc = int.from_bytes(response[6:10], "big")
             log.debug(
@@ -464,6 +527,7 @@ class ResourceManager:
     def _close(self, space: Space) -> None:
         assert self._executor is not None
         self._executor.close(space)
+        refusals.report_at_close(space)
         with self._cv:
             self._spaces.discard(space)
             self._per_uid[space.uid] -= 1
@@ -494,6 +558,13 @@ class ResourceManager:
                 continue
             properties.update((p.property, p.value) for p in data.properties)
         return properties
+
+
+def _fail(jobs: list[Job], error: RMError) -> None:
+    """Complete jobs taken out of the queues with an error; never with the lock held (a
+    completion callback replies to the kernel and may call back into the RM)."""
+    for job in jobs:
+        job.future.set_exception(error)
 
 
 def _name(command: bytes) -> str:

@@ -67,4 +67,8 @@ class Regapper:
         except ContextError as exc:
             log.warning("refreshing session 0x%08x failed, dropping it: %s", entry.handle, exc)
             self.link.flush_quietly(entry.handle)
+            if entry.owner is not None:
+                # Lost by the RM, as under exhaustion: its owner's next use says so (an
+                # RM-layer code), rather than the TPM's answer for a session never seen.
+                entry.owner.evicted.add(entry.handle)
             self.sessions.forget(entry.handle)

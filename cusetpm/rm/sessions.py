@@ -48,7 +48,7 @@ class SessionEntry:
 class SessionTable:
     """Sessions by handle, by token, and in the order their contexts were saved.
 
-    Touched only by the worker thread.
+    Touched only by whoever holds the manager's `_current` job (worker or inline submitter).
     """
 
     def __init__(self) -> None:

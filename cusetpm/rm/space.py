@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import time
 from dataclasses import dataclass, field
+
+from cusetpm.policy import NodePolicy
 
 # Virtual transient handles: 0x80FFFFFF, 0x80FFFFFE, ... as the kernel numbers its slots.
 VHANDLE_BASE = 0x80FFFFFF
@@ -29,14 +32,26 @@ class SavedObject:
     # the RM only flushes them after use. Sequence objects (and blobs of unknown kind loaded by
     # the client) change with every command and are saved again.
     mutable: bool
+    # The TPM's answer to a ReadPublic without sessions (outPublic, name, qualifiedName): the
+    # public area of a loaded object never changes, so later ones are answered from it.
+    read_public: bytes | None = None
 
 
 @dataclass
 class Space:
-    """What one descriptor owns. Touched only by the RM's worker thread (and open/close)."""
+    """What one descriptor owns. Touched by whoever holds the manager's `_current` job."""
 
     uid: int = 0
     id: int = field(default_factory=lambda: next(_space_ids))
+    # the node this descriptor was opened on, its policy (None: everything allowed) and opener
+    node: str = ""
+    policy: NodePolicy | None = None
+    pid: int = 0
+    policy_logged: set[int] = field(default_factory=set)  # command codes refused and logged
+    opened: float = field(default_factory=time.time)
+    commands: int = 0  # for `cusetpm status`
+    last_command: int | None = None
+    last_rc: int | None = None
     objects: dict[int, SavedObject] = field(default_factory=dict)  # by virtual handle
     # session handles this space owns (their contexts live in the RM's session table)
     sessions: set[int] = field(default_factory=set)
@@ -46,6 +61,7 @@ class Space:
     # handles of its sessions the RM evicted under global exhaustion: using one gets an
     # RM-layer error, never whatever session the TPM later gives that number
     evicted: set[int] = field(default_factory=set)
+    refusals: int = 0  # commands refused so far (rm/refusals.py rate-limits their warnings)
     closed: bool = False
     _free: list[int] = field(default_factory=list)
     _next: int = 0

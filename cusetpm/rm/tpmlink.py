@@ -47,7 +47,7 @@ class LinkStats:
 
 
 class TpmLink:
-    """Serialized access to the backend, used only from the RM's worker thread."""
+    """Serialized access to the backend, used only by whoever holds the RM's `_current` job."""
 
     def __init__(self, backend: Backend, retry_first_delay: float, retry_max_delay: float):
         self.backend = backend

@@ -211,6 +211,18 @@ def is_transient_handle(handle: int) -> bool:
     return handle_type(handle) == TPM_HT.TRANSIENT
 
 
+def session_types_at(cc: int, position: int, handle_count: int) -> frozenset[int]:
+    """The session handle types the handle area accepts at `position` (Part 3): any session
+    for TPM2_ContextSave's TPMI_DH_CONTEXT, a policy session for the policySession handle of
+    a TPM2_Policy* command (always its last handle), none anywhere else."""
+    if cc == TPM_CC.ContextSave and position == 0:
+        return frozenset({TPM_HT.HMAC_SESSION, TPM_HT.POLICY_SESSION})
+    name = TPM_CC(cc).name if cc in TPM_CC._value2member_map_ else ""
+    if name.startswith("Policy") and position == handle_count - 1:
+        return frozenset({TPM_HT.POLICY_SESSION})
+    return frozenset()
+
+
 class TPM_RH(IntEnum):
     SRK = 0x40000000
     OWNER = 0x40000001

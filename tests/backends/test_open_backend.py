@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,34 @@ def test_open_swtpm(tmp_path: Path, transport: str) -> None:
     with SwtpmProcess(tmp_path, transport=transport) as proc, open_backend(proc.spec) as backend:
         assert isinstance(backend, SwtpmBackend)
         assert backend.name == proc.spec
+
+
+def test_auto_without_a_kernel_tpm_is_libtpms(tmp_path: Path) -> None:
+    from cusetpm.backends import resolve_auto
+
+    assert resolve_auto("auto", str(tmp_path / "no-tpm0")) == "libtpms"
+    (tmp_path / "regular-file").write_bytes(b"")
+    assert resolve_auto("auto", str(tmp_path / "regular-file")) == "libtpms"
+    assert resolve_auto("swtpm:unix:/run/s", "/dev/null") == "swtpm:unix:/run/s"
+    assert parse_spec("auto") == ("auto", ())
+
+
+def test_auto_with_a_character_device_is_that_device() -> None:
+    """A character device at the auto path (here a pty, the device backend's stand-in in
+    test_device.py) is taken as the kernel's TPM."""
+    from cusetpm.backends import resolve_auto
+
+    master, slave = os.openpty()
+    try:
+        path = os.ttyname(slave)
+        assert resolve_auto("auto", path) == f"device:{path}"
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_auto_here_serves_the_embedded_tpm(tmp_path: Path) -> None:
+    if os.path.exists("/dev/tpm0"):
+        pytest.skip("this machine has a kernel TPM: auto means device:/dev/tpm0 here")
+    with open_backend("auto", tmp_path) as backend:
+        assert isinstance(backend, LibtpmsBackend)

@@ -18,7 +18,7 @@ from tpm2_pytss.types import TPMT_SYM_DEF, TPMU_SYM_KEY_BITS, TPMU_SYM_MODE
 
 from cusetpm.rm import ResourceManager, RMError, Space
 from cusetpm.tpm import commands as build
-from cusetpm.tpm.command import AuthCommand, Command
+from cusetpm.tpm.command import AuthCommand, Command, parse_command
 from cusetpm.tpm.constants import TPM_CAP, TPM_CC, TPM_RH, TPM_RS_PW, TPM_SE, TPM_ST
 from cusetpm.tpm.response import Response, parse_response
 
@@ -120,7 +120,8 @@ class RawClient:
         return more, data.handles
 
     def all_handles(self, first: int) -> list[int]:
-        """Pages through GetCapability(HANDLES) with count 1, as the kernel selftest does."""
+        """Pages through GetCapability(HANDLES) with count 1 and property + 1, as the kernel
+        selftest's get_cap does."""
         found: list[int] = []
         prop = first
         while True:
@@ -128,7 +129,7 @@ class RawClient:
             found += page
             if not more:
                 return found
-            prop = page[-1] + 1
+            prop += 1
 
     def get_random(self, n: int = 8) -> bytes:
         return build.parse_get_random(self.send(build.get_random(n)))
@@ -317,3 +318,39 @@ AES_CFB = TPMT_SYM_DEF(
     keyBits=TPMU_SYM_KEY_BITS(aes=128),
     mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB),
 )
+
+
+SESSION_INDEX = 0x00FFFFFF
+
+
+def absent_session_answer(rm: ResourceManager, command: bytes, handle: int) -> bytes:
+    """What the TPM itself answers when session `handle` is not there: the same command with
+    `handle` replaced by a session number the TPM does not hold, sent straight to the backend
+    (call it while no command of the RM runs). The RM must answer foreign sessions so."""
+    census = rm.tpm_census()
+    used = {h & SESSION_INDEX for h in census["loaded_sessions"] + census["saved_sessions"]}
+    free = max(set(range(64)) - used - {handle & SESSION_INDEX})
+    absent = (handle & ~SESSION_INDEX) | free
+    code = int.from_bytes(command[6:10], "big")
+    attrs = rm._executor.table.lookup(code)  # type: ignore[union-attr]
+    assert attrs is not None
+    cmd = parse_command(command, 1 if code == TPM_CC.FlushContext else attrs.cHandles)
+    cmd.handles = [absent if h == handle else h for h in cmd.handles]
+    for session in cmd.sessions:
+        if session.sessionHandle == handle:
+            session.sessionHandle = absent
+    swapped = cmd.to_bytes()
+    assert swapped != command
+    return rm.backend.transmit(swapped)
+
+
+def assert_answered_as_absent(client: RawClient, command: bytes, handle: int) -> int:
+    """The RM answers a session that is not the client's exactly as the TPM answers an absent
+    one, and the command never reaches the TPM. Returns the response code."""
+    trips = client.rm.round_trips
+    response = client.send(command)
+    assert client.rm.round_trips == trips, "a command naming a foreign session reached the TPM"
+    expected = absent_session_answer(client.rm, command, handle)
+    assert response == expected, f"RM {response.hex()} vs TPM {expected.hex()}"
+    assert rc_of(response) != 0
+    return rc_of(response)

@@ -92,6 +92,7 @@ class FaultyBackend(Backend):
         self.delay = 0.0  # seconds added before every command reaches the TPM
         self.delay_codes: frozenset[int] | None = None  # None: delay every command
         self.started = threading.Condition()  # notified when a command starts at the TPM
+        self._held: list[tuple[int, threading.Event]] = []
 
     # -- arming -----------------------------------------------------------------------------
 
@@ -116,6 +117,14 @@ class FaultyBackend(Backend):
             self._faults.clear()
             self.delay = 0.0
             self.delay_codes = None
+
+    def hold(self, code: int) -> threading.Event:
+        """The next command with this code waits at the backend, before the TPM, until the
+        returned event is set: a command in flight for as long as the test wants."""
+        gate = threading.Event()
+        with self._lock:
+            self._held.append((code, gate))
+        return gate
 
     def slow(self, seconds: float, codes: set[int] | None = None) -> None:
         self.delay = seconds
@@ -158,6 +167,9 @@ class FaultyBackend(Backend):
             delay = self.delay
             if self.delay_codes is not None and command_code(command) not in self.delay_codes:
                 delay = 0.0
+            gate = next((g for c, g in self._held if c == command_code(command)), None)
+            if gate is not None:
+                self._held = [(c, g) for c, g in self._held if g is not gate]
         if fault is not None and not fault.after_send:
             if fault.transport:
                 raise BackendError(f"{self.name}: injected transport failure")
@@ -167,6 +179,8 @@ class FaultyBackend(Backend):
             return tpm_error(fault.rc)
         with self.started:  # before the delay: a slow command has started when it waits
             self.started.notify_all()
+        if gate is not None:
+            gate.wait()
         if delay:
             time.sleep(delay)
         response = self.inner.transmit(command)

@@ -1,6 +1,9 @@
 """Isolation between spaces: space B can never name, use, flush, save or list what space A owns.
 
-Every refusal is RMError EINVAL and never reaches the TPM; A's objects and sessions work after.
+No refusal reaches the TPM, and A's objects and sessions work after. Another space's
+transient handle is RMError EINVAL (as the kernel); another space's session is answered as
+the TPM answers a session that is not there (the kernel passes session handles through), so
+it reads exactly like an absent one.
 """
 
 from __future__ import annotations
@@ -34,11 +37,13 @@ from cusetpm.rm import ResourceManager, RMError
 from cusetpm.tpm import commands as build
 from cusetpm.tpm.command import AuthCommand
 from cusetpm.tpm.constants import TPM_CC, TPM_RH, TPM_SE
+from cusetpm.tpm.rc import TPM_RC
 from tests.rm.client import (
     CONTINUE,
     EMPTY_SENSITIVE,
     NO_OUTSIDE_INFO_NO_PCRS,
     RawClient,
+    assert_answered_as_absent,
     ecc_signing_template,
     ecc_storage_template,
     esapi,
@@ -46,6 +51,7 @@ from tests.rm.client import (
     policy_restart,
     pw_session,
     raw_command,
+    rc_of,
     tpm2b_of,
     with_unique,
 )
@@ -226,7 +232,7 @@ def test_b_lists_only_its_own(a: SpaceA, b: RawClient) -> None:
     assert len(sessions) == 1
     assert not {a.hmac, a.policy, a.audit} & set(sessions)
     assert b.handles(0x03000000)[1] == []
-    assert a.raw.handles(0x80000000) == (False, [0x80FFFFFE, 0x80FFFFFF])
+    assert a.raw.handles(0x80000000) == (False, [0x80FFFFFF, 0x80FFFFFE])
 
 
 def session_commands(session: int) -> dict[str, bytes]:
@@ -259,10 +265,27 @@ def session_commands(session: int) -> dict[str, bytes]:
     }
 
 
+def answered_without_tpm(client: RawClient, command: bytes) -> int:
+    trips = client.rm.round_trips
+    response = client.send(command)
+    assert client.rm.round_trips == trips, "a command naming a foreign session reached the TPM"
+    assert len(response) == 10
+    return rc_of(response)
+
+
+# Sent to the TPM as it is, this one would stop at B's virtual object handle: the expected
+# code is the auth-area position's TPM_RC_REFERENCE_S<n>, which the other cases take from
+# libtpms itself.
+NAMES_AN_OBJECT = {"as the second session": TPM_RC.REFERENCE_S0}
+
+
 def test_b_cannot_use_a_sessions(a: SpaceA, b: RawClient) -> None:
     for session in (a.hmac, a.policy, a.audit):
         for what, command in session_commands(session).items():
-            assert_refused(b, command, what)
+            if what in NAMES_AN_OBJECT:
+                assert answered_without_tpm(b, command) == NAMES_AN_OBJECT[what], what
+            else:
+                assert_answered_as_absent(b, command, session)
     # also after a password session, in second place of the auth area
     mixed = raw_command(
         TPM_CC.Sign,
@@ -270,7 +293,7 @@ def test_b_cannot_use_a_sessions(a: SpaceA, b: RawClient) -> None:
         sign_command(0)[-(32 + 2 + 4 + 8) :],
         [*pw_session(), AuthCommand(a.audit, os.urandom(16), 0x81, os.urandom(32))],
     )
-    assert_refused(b, mixed)
+    assert answered_without_tpm(b, mixed) == TPM_RC.REFERENCE_S1
     a.check_still_works()
 
 
@@ -283,9 +306,13 @@ def test_b_cannot_guess_session_handles(a: SpaceA, b: RawClient) -> None:
         if (kind | index) & 0x00FFFFFF != own & 0x00FFFFFF
     ]
     assert a.policy in guesses and a.hmac in guesses
+    answers = set()
     for handle in guesses:
-        assert_refused(b, raw_command(TPM_CC.PolicyRestart, [handle]))
-        assert_refused(b, build.flush_context(handle))
+        restart = raw_command(TPM_CC.PolicyRestart, [handle])
+        answers.add(assert_answered_as_absent(b, restart, handle))
+        answers.add(assert_answered_as_absent(b, build.flush_context(handle), handle))
+    # A's sessions read like never-used numbers: only the TPM's codes for absent sessions
+    assert answers <= {0x184, TPM_RC.REFERENCE_H0, TPM_RC.HANDLE | 0x140}, answers
     assert policy_restart(b, own)[6:10] == b"\0\0\0\0"
     a.check_still_works()
 
@@ -326,7 +353,7 @@ def test_b_listing_with_a_session_shows_nothing_of_a(a: SpaceA, rm: ResourceMana
 def test_refused_commands_leave_a_intact_after_b_closes(a: SpaceA, rm: ResourceManager) -> None:
     b = RawClient(rm, rm.open_space())
     for session in (a.hmac, a.policy):
-        assert_refused(b, build.flush_context(session))
+        assert_answered_as_absent(b, build.flush_context(session), session)
     assert_refused(b, build.flush_context(a.key))
     rm.close_space(b.space)
     a.check_still_works()

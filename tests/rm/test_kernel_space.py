@@ -52,13 +52,17 @@ def test_flush_context(client: RawClient) -> None:
 def test_get_handles(rm: ResourceManager) -> None:
     fd1, fd2 = two_spaces(rm)
     distinct_primary(fd1)
-    mine = sorted([distinct_primary(fd2), distinct_primary(fd2)])
-    # The selftest's get_cap: count 1, property+1 while moreData.
+    mine = [distinct_primary(fd2), distinct_primary(fd2)]
+    # The kernel's order: slot order (0x80FFFFFF first), and `property` counts slots.
+    assert mine == [0x80FFFFFF, 0x80FFFFFE]
+    # The selftest's get_cap: count 1, property+1 while moreData: two commands.
     assert fd2.all_handles(TRANSIENT_FIRST) == mine
     assert fd2.handles(TRANSIENT_FIRST) == (False, mine)
     assert fd2.handles(TRANSIENT_FIRST, 1) == (True, mine[:1])
-    assert fd2.handles(mine[1], 1) == (False, mine[1:])
-    assert fd2.handles(mine[1] + 1) == (False, [])
+    assert fd2.handles(TRANSIENT_FIRST + 1, 1) == (False, mine[1:])
+    assert fd2.handles(TRANSIENT_FIRST + 2) == (False, [])
+    # A virtual handle as `property` is a slot far beyond the TPM's: nothing, as the kernel.
+    assert fd2.handles(mine[1]) == (False, [])
     assert fd1.all_handles(TRANSIENT_FIRST) == [0x80FFFFFF]
 
 
@@ -96,7 +100,7 @@ def test_virtual_handles_count_down_and_reuse_lowest_index(client: RawClient) ->
     assert client.create_primary() == 0x80FFFFFE
     assert client.create_primary() == 0x80FFFFFD
     assert client.create_primary() == 0x80FFFFFA
-    assert client.handles(TRANSIENT_FIRST)[1] == [0x80FFFFFA + i for i in range(6)]
+    assert client.handles(TRANSIENT_FIRST)[1] == [0x80FFFFFF - i for i in range(6)]
 
 
 def test_reused_virtual_handle_is_the_new_object(client: RawClient) -> None:

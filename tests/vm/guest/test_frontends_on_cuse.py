@@ -3,8 +3,9 @@
 On the host these tests run on a FUSE node (the host kernel has no CUSE), serving the
 same file operations.  Here the very same test functions -- imported, not copied, so
 a case added there runs here too -- run on the shared ``cusetpm serve --name tpmrm42``
-(tests/vm/guest/conftest.py): the kernel-semantics cases of test_semantics.py and the
-tpm2-tools client cases of test_clients.py.  This is what ``CUSETPM_TEST_NODE=/dev/...
+(tests/vm/guest/conftest.py): the kernel-semantics cases of test_semantics.py, the
+tpm2-tools client cases of test_clients.py and the kernel's own selftests
+(test_kselftest.py).  This is what ``CUSETPM_TEST_NODE=/dev/...
 pytest tests/frontends/test_semantics.py tests/frontends/test_clients.py`` does, inside
 the one pytest run the guest can afford.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import pytest
 
 from tests.frontends import test_clients as _clients
+from tests.frontends import test_kselftest as _kselftest
 from tests.frontends import test_semantics as _semantics
 
 NOT_ON_CUSE = {
@@ -52,7 +54,7 @@ def _adopt(module: object) -> list[str]:
 
 
 # Test function names (parametrized ones once); tests/test_vm_guest.py requires them all.
-ADOPTED: tuple[str, ...] = (*_adopt(_semantics), *_adopt(_clients))
+ADOPTED: tuple[str, ...] = (*_adopt(_semantics), *_adopt(_clients), *_adopt(_kselftest))
 
 
 @pytest.fixture(scope="module")

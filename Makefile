@@ -85,7 +85,7 @@ run: setup
 
 # The CUSE tests run in a guest kernel (tests/test_vm_guest.py), so the suite needs vm-deps.
 test: setup client-deps kselftest-src vm-deps
-	CUSETPM_KSELFTEST_DIR=$(KSELFTEST_DIR) $(PY) -m pytest $(PYTEST_ARGS)
+	CUSETPM_REQUIRE_ALL=1 CUSETPM_KSELFTEST_DIR=$(KSELFTEST_DIR) $(PY) -m pytest $(PYTEST_ARGS)
 
 # The CUSE tests alone, in Debian's kernel under qemu: one boot (~20 s) runs tests/vm/guest.
 # VM_PYTEST_ARGS picks another guest selection, e.g. VM_PYTEST_ARGS='tests/vm/guest -k tpmrm'.
@@ -129,6 +129,8 @@ install: setup install-udev
 	install -D -m 0644 udev/cusetpm.service /etc/systemd/system/cusetpm.service
 	sed -i 's#@BINDIR@#$(abspath $(VENV))/bin#' /etc/systemd/system/cusetpm.service
 	-systemctl daemon-reload
+	@# the sample multi-node config; an existing one is the operator's and stays
+	test -e /etc/cusetpm/cusetpm.toml || install -D -m 0644 udev/cusetpm.toml /etc/cusetpm/cusetpm.toml
 	@echo "enable it with: systemctl enable --now cusetpm"
 
 clean:

@@ -35,6 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--state-dir", default="/var/lib/cusetpm", help="libtpms state directory")
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     add_serve_arguments(serve)
+    status = sub.add_parser(
+        "status", help="what a running daemon serves (its control socket)",
+        description="Nodes and their open descriptors, the TPM, counters since start and "
+        "per-command latencies, from the daemon's --control socket.",
+    )
+    status.add_argument("--control", default="/run/cusetpm/control", metavar="PATH",
+                        help="the daemon's control socket (default /run/cusetpm/control)")
+    status.add_argument("--json", action="store_true", help="the JSON document as read")
+    status.set_defaults(log_level="WARNING")
     return parser
 
 
@@ -51,8 +60,24 @@ def main(argv: list[str] | None = None) -> int:
         from cusetpm.serve import serve
 
         return serve(args)
+    if args.command == "status":
+        return _status(args)
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from cusetpm.frontends.control import format_text, read_status
+
+    try:
+        status = read_status(args.control)
+    except (OSError, ValueError) as e:
+        print(f"cusetpm status: {args.control}: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.write(json.dumps(status, indent=2) + "\n" if args.json else format_text(status))
+    return 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Order of things, and why:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import grp
 import logging
@@ -27,14 +28,17 @@ import sys
 import threading
 from dataclasses import dataclass
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cusetpm.frontends.spec import NodeSpec
+from cusetpm.policy import NodePolicy
 
 # The RM, the backends and the native shim load only when serving: `cusetpm --help`
 # (which builds this module's arguments) stays light.
 if TYPE_CHECKING:
     from cusetpm.backends import Backend
+    from cusetpm.config import DaemonConfig
+    from cusetpm.frontends.control import ControlServer
     from cusetpm.frontends.files import TpmFileOps
     from cusetpm.frontends.native import NodeSession
     from cusetpm.rm import ResourceManager, RMConfig
@@ -52,6 +56,8 @@ class ServeError(Exception):
 @dataclass
 class Plan:
     spec: NodeSpec
+    policy: NodePolicy | None = None  # None: everything allowed (--policy full)
+    node: str = ""  # the node's key in a --config file (its name or mount)
     made_mountpoint: bool = False  # we created the FUSE mount directory: remove it after
     chmod_cuse: bool = False  # --mode/--user/--group given: apply them to the CUSE node
     run_as: tuple[int, int] | None = None  # (uid, gid) to drop to
@@ -99,6 +105,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--fuse-debug", action="store_true", help="let libfuse print every request (stderr)"
+    )
+    parser.add_argument(
+        "--policy", choices=("full", "user", "attest"), default="full",
+        help="what the node may do (README: Nodes, profiles and quotas); default full",
+    )
+    parser.add_argument(
+        "--control", metavar="PATH",
+        help="serve `cusetpm status` on this unix socket (0600; e.g. /run/cusetpm/control); "
+        "a --config file may name it as control = PATH",
+    )
+    parser.add_argument(
+        "--config", metavar="FILE",
+        help="serve the nodes of a TOML file (udev/cusetpm.toml), all on one RM and TPM; "
+        "instead of --name/--fuse-mount/--mode/--user/--group/--policy. SIGHUP re-reads it",
     )
 
 
@@ -268,16 +288,22 @@ def _drop_privileges(run_as: tuple[int, int], backend: Backend) -> None:
 
 
 class _StopSignals:
-    """SIGTERM/SIGINT set an event that the main thread waits on."""
+    """SIGTERM/SIGINT set an event that the main thread waits on; SIGHUP asks for a reload."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.received: int | None = None
+        self.reload = threading.Event()
         self._previous = {
-            sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)
+            sig: signal.signal(sig, self._handle)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         }
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self.reload.set()
+            self.event.set()  # wake the main loop; it clears the event again
+            return
         self.received = signum
         self.event.set()
 
@@ -297,23 +323,62 @@ def serve(args: argparse.Namespace) -> int:
         stop.restore()
 
 
+def plan_nodes(args: argparse.Namespace) -> tuple[list[Plan], RMConfig]:
+    """One plan per node: from --config FILE, or the one node of the command line."""
+    config = _rm_config(args)
+    if not getattr(args, "config", None):
+        plan = plan_node(args)
+        policy = getattr(args, "policy", "full")
+        if policy != "full":
+            plan.policy = NodePolicy.from_profile(policy)
+        plan.node = plan.spec.cuse_name or plan.spec.path
+        return [plan], config
+    daemon = _load_config(args.config)
+    plans: list[Plan] = []
+    try:
+        for node in daemon.nodes:
+            one = argparse.Namespace(name=node.name, fuse_mount=node.fuse_mount,
+                                     mode=node.mode, user=node.user, group=node.group)
+            plan = plan_node(one)
+            plan.run_as = None  # a node's user owns it; the daemon stays root for all nodes
+            plan.chmod_cuse = plan.chmod_cuse or plan.spec.cuse_name is not None
+            plan.policy, plan.node = node.policy, node.key
+            plans.append(plan)
+    except ServeError as e:
+        for plan in plans:
+            _remove_mountpoint(plan)
+        raise ServeError(f"{args.config}: {e}") from None
+    limits: dict[str, Any] = dict(daemon.limits)
+    return plans, dataclasses.replace(config, **limits)
+
+
+def _load_config(path: str) -> DaemonConfig:
+    from cusetpm.config import ConfigError, load
+
+    try:
+        return load(path)
+    except ConfigError as e:
+        raise ServeError(str(e)) from None
+
+
 def _serve(args: argparse.Namespace, stop: _StopSignals) -> int:
     from cusetpm.backends import BackendError, open_backend, resolve_auto
 
-    plan = plan_node(args)
-    config = _rm_config(args)
+    plans, config = plan_nodes(args)
     spec = resolve_auto(args.backend)
     if spec != args.backend:
         log.info("--backend %s: %s", args.backend, spec)
     try:
         backend = open_backend(spec, args.state_dir)
     except (BackendError, OSError, ValueError) as e:
-        _remove_mountpoint(plan)
+        for plan in plans:
+            _remove_mountpoint(plan)
         raise ServeError(f"cannot open backend {args.backend}: {e}") from e
     try:
-        status = _serve_backend(args, plan, config, backend, stop)
+        status = _serve_backend(args, plans, config, backend, stop)
     finally:
-        _remove_mountpoint(plan)
+        for plan in plans:
+            _remove_mountpoint(plan)
         status_close = _close_backend(backend)
     return status or status_close
 
@@ -328,8 +393,15 @@ def _close_backend(backend: Backend) -> int:
     return 0
 
 
+@dataclass
+class _Served:
+    plan: Plan
+    ops: TpmFileOps
+    session: NodeSession
+
+
 def _serve_backend(
-    args: argparse.Namespace, plan: Plan, config: RMConfig, backend: Backend,
+    args: argparse.Namespace, plans: list[Plan], config: RMConfig, backend: Backend,
     stop: _StopSignals,
 ) -> int:
     from cusetpm.backends import BackendError
@@ -342,47 +414,118 @@ def _serve_backend(
         rm.start()
     except (BackendError, RMError, OSError) as e:
         raise ServeError(f"the TPM behind {backend.name} did not answer: {e}") from e
-    ops = TpmFileOps(rm, NativeReplies())
-    session = NodeSession(ops, plan.spec, debug=args.fuse_debug)
+    served: list[_Served] = []
+    control = _start_control(args, rm)
     try:
-        session.start()
-    except OSError as e:
-        rm.stop()
-        raise ServeError(f"cannot serve {plan.spec.path}: {e.strerror or e}") from e
-    try:
-        if plan.chmod_cuse:
-            _apply_cuse_mode(plan.spec)
-        if plan.run_as is not None:
-            _drop_privileges(plan.run_as, backend)
-        print(
-            f"cusetpm: serving {plan.spec.path} ({plan.spec.kind}) on {backend.name}", flush=True
-        )
+        for plan in plans:
+            ops = TpmFileOps(rm, NativeReplies(), node=plan.node, policy=plan.policy)
+            session = NodeSession(ops, plan.spec, debug=args.fuse_debug)
+            try:
+                session.start()
+            except OSError as e:
+                raise ServeError(f"cannot serve {plan.spec.path}: {e.strerror or e}") from e
+            served.append(_Served(plan, ops, session))
+        for one in served:
+            if one.plan.chmod_cuse:
+                _apply_cuse_mode(one.plan.spec)
+        if plans[0].run_as is not None:
+            _drop_privileges(plans[0].run_as, backend)
+        for one in served:
+            # the profile is named when it is not `full` (the line scripts already parse)
+            kind = one.plan.spec.kind
+            if one.plan.policy is not None and one.plan.policy.profile != "full":
+                kind += f", {one.plan.policy.profile}"
+            print(f"cusetpm: serving {one.plan.spec.path} ({kind}) on {backend.name}",
+                  flush=True)
         sd_notify("READY=1")
-        log.info("talk to it: tpm2_getrandom -T device:%s 8 --hex", plan.spec.path)
+        log.info("talk to it: tpm2_getrandom -T device:%s 8 --hex", plans[0].spec.path)
         status = 0
-        while not stop.event.wait(1.0):
-            if not session.running:
-                log.error("the kernel closed %s; stopping", plan.spec.path)
+        while not stop.event.wait(1.0) or stop.reload.is_set():
+            if stop.reload.is_set():
+                stop.reload.clear()
+                stop.event.clear()
+                _reload(args, served, rm)
+                continue
+            stopped = next((one for one in served if not one.session.running), None)
+            if stopped is not None:
+                log.error("the kernel closed %s; stopping", stopped.plan.spec.path)
                 status = 1  # nobody asked us to stop: a supervisor should know
                 break
         if stop.received is not None:
             log.info("%s: stopping", signal.Signals(stop.received).name)
         sd_notify("STOPPING=1")
+    except BaseException:
+        if not served:
+            rm.stop()
+        raise
     finally:
-        _shutdown(session, ops, rm)
+        if control is not None:
+            control.stop()
+        if served:
+            _shutdown(served, rm)
     return status
 
 
-def _shutdown(session: NodeSession, ops: TpmFileOps, rm: ResourceManager) -> None:
-    """Stop taking requests, finish and flush in the RM, answer leftovers, remove the node."""
-    session.stop()
+def _start_control(args: argparse.Namespace, rm: ResourceManager) -> ControlServer | None:
+    from cusetpm.frontends.control import ControlServer
+
+    path = getattr(args, "control", None)
+    if path is None and getattr(args, "config", None):
+        path = _load_config(args.config).control
+    if path is None:
+        return None
+    server = ControlServer(rm, path)
+    try:
+        server.start()
+    except OSError as e:
+        rm.stop()
+        raise ServeError(f"--control {path}: {e.strerror or e}") from e
+    return server
+
+
+def _reload(args: argparse.Namespace, served: list[_Served], rm: ResourceManager) -> None:
+    """SIGHUP: new policies for the nodes served. Nodes added or removed need a restart;
+    RM limits are read at start and also need one. An invalid file changes nothing."""
+    if not getattr(args, "config", None):
+        log.info("SIGHUP: no --config file to re-read")
+        return
+    try:
+        daemon = _load_config(args.config)
+    except ServeError as e:
+        log.error("SIGHUP: %s; the running config is unchanged", e)
+        return
+    by_key = {node.key: node for node in daemon.nodes}
+    for one in served:
+        node = by_key.pop(one.plan.node, None)
+        if node is None:
+            log.warning("SIGHUP: node %s is no longer in %s: removing a node needs a restart",
+                        one.plan.node, args.config)
+            continue
+        if node.policy != one.ops.policy:
+            old = one.ops.policy.profile if one.ops.policy else "full"
+            one.ops.policy = node.policy
+            count = rm.set_node_policy(one.plan.node, node.policy)
+            log.info("SIGHUP: node %s: policy changed (profile %s -> %s), %d open spaces follow",
+                     one.plan.node, old, node.policy.profile, count)
+    for key in by_key:
+        log.warning("SIGHUP: node %s is new in %s: adding a node needs a restart",
+                    key, args.config)
+    if daemon.limits:
+        log.info("SIGHUP: [limits] are read at start: a restart applies them")
+
+
+def _shutdown(served: list[_Served], rm: ResourceManager) -> None:
+    """Stop taking requests, finish and flush in the RM, answer leftovers, remove the nodes."""
+    for one in served:
+        one.session.stop()
     try:
         rm.stop()  # the command in flight completes (its reply still goes out), spaces flush
     except Exception:
         log.exception("stopping the resource manager failed")
-    ops.abandon()
-    session.destroy()
-    log.info("%s removed", session.spec.path)
+    for one in served:
+        one.ops.abandon()
+        one.session.destroy()
+        log.info("%s removed", one.session.spec.path)
 
 
 def _remove_mountpoint(plan: Plan) -> None:

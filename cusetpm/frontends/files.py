@@ -30,10 +30,13 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cusetpm.rm import ResourceManager, RMError, Space
 from cusetpm.tpm.constants import TPM_CC
+
+if TYPE_CHECKING:
+    from cusetpm.policy import NodePolicy
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +115,15 @@ class _Outbox:
 class TpmFileOps:
     """open/read/write/poll/release/interrupt over a ResourceManager."""
 
-    def __init__(self, rm: ResourceManager, replies: Replies):
+    def __init__(
+        self, rm: ResourceManager, replies: Replies, node: str = "",
+        policy: NodePolicy | None = None,
+    ):
         self.rm = rm
         self.replies = replies
+        # the node these files are opened on and its policy (serve.py replaces it on SIGHUP)
+        self.node = node
+        self.policy = policy
         self._files: dict[int, OpenFile] = {}
         self._waiting: dict[Request, OpenFile] = {}  # deferred requests, for interrupts
         self._lock = threading.Lock()  # orders changes to the two dicts
@@ -125,7 +134,7 @@ class TpmFileOps:
     def open(self, flags: int, uid: int, gid: int, pid: int) -> int:
         """A new space per open file; returns the file handle or -errno."""
         try:
-            space = self.rm.open_space(uid)
+            space = self.rm.open_space(uid, pid=pid, node=self.node, policy=self.policy)
         except RMError as e:
             log.warning("open by pid %d uid %d refused: %s", pid, uid, e)
             return -(e.errno or errno.EIO)

@@ -11,6 +11,9 @@ class RMConfig:
     max_sessions: int = 16  # sessions per space (kernel: 3)
     max_spaces: int = 1024  # open spaces in total
     max_spaces_per_uid: int | None = None  # open spaces per user id; None: no per-user limit
+    # sessions per user id, over all its spaces on every node (a share of the TPM's
+    # ACTIVE_SESSIONS_MAX); root (uid 0) is not limited; None: no per-user limit
+    max_sessions_per_uid: int | None = None
     retry_first_delay: float = 0.020  # TPM_RC_RETRY/TESTING/YIELDED: 20 ms, doubling ...
     retry_max_delay: float = 2.0  # ... until the delay would exceed 2 s (the kernel's numbers)
     # Session continuation: client-saved sessions whose saving descriptor closed, kept for

@@ -19,9 +19,11 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from cusetpm.backends.base import BackendError
+from cusetpm.policy import decide
 from cusetpm.rm import continuation, refusals
 from cusetpm.rm.capability import answer_handles, handles_query, rewrite_properties
 from cusetpm.rm.commandtable import SESSION_CREATING, CommandTable
@@ -54,6 +56,9 @@ from cusetpm.tpm.response import Response, error_response
 log = logging.getLogger(__name__)
 
 SUCCESS_RESPONSE = error_response(0)  # a bare 10-byte TPM_RC_SUCCESS
+# A command the node's policy refuses: RM layer | TPM_RC_DISABLED (0x000B0120), tpm2_rc_decode:
+# "rmt:error(2.0): the command is disabled".
+POLICY_REFUSED = rm_rc(TPM_RC.DISABLED)
 # The TPM has no room for another session (handles, or memory to load one).
 NO_SESSION_ROOM = frozenset({TPM_RC.SESSION_HANDLES, TPM_RC.SESSION_MEMORY})
 
@@ -111,6 +116,8 @@ class Executor:
         self.baseline: set[int] = set()
         # Sessions the RM gave up whose flush the TPM refused: flushed again at reconcile.
         self.orphans: set[int] = set()
+        # policy refusals by (node, reason), for `cusetpm status`
+        self.policy_refusals: Counter[tuple[str, str]] = Counter()
 
     def execute(self, space: Space, command: bytes, queue_behind: bool = False) -> bytes:
         """The response to one command. `queue_behind`: others are waiting for a TPM session,
@@ -121,6 +128,9 @@ class Executor:
             return self.answer_bad_tag(space, command)
         if parsed is None or attrs is None:
             return error_response(rm_rc(TPM_RC.COMMAND_CODE))
+        refusal = self.check_policy(space, parsed)
+        if refusal is not None:
+            return refusal
         refusal = self.check_ownership(space, parsed)
         if refusal is not None:
             return refusal
@@ -188,6 +198,21 @@ class Executor:
         return response
 
     # -- own ------------------------------------------------------------------------------
+
+    def check_policy(self, space: Space, cmd: Command) -> bytes | None:
+        """The node's policy (policy/): a refused command never reaches the TPM."""
+        if space.policy is None:
+            return None
+        decision = decide(space.policy, cmd)
+        if decision.allowed:
+            return None
+        self.policy_refusals[(space.node, decision.reason)] += 1
+        if cmd.commandCode not in space.policy_logged:  # once per space and command code
+            space.policy_logged.add(cmd.commandCode)
+            log.warning("space %d: node %s pid %d uid %d: %s refused: %s", space.id,
+                        space.node, space.pid, space.uid, cc_name(cmd.commandCode),
+                        decision.reason)
+        return error_response(POLICY_REFUSED)
 
     def check_ownership(self, space: Space, cmd: Command) -> bytes | None:
         """Transient and session handles must be the space's own; anything else passes.
@@ -300,7 +325,18 @@ class Executor:
         if creates == "session" and self.session_count(space) >= self.config.max_sessions:
             name = cc_name(cmd.commandCode)
             return self.over_limit(space, name, "sessions", TPM_RC.SESSION_MEMORY)
+        per_uid = self.config.max_sessions_per_uid
+        if (creates == "session" and per_uid is not None and space.uid != 0
+                and self.uid_sessions(space.uid) >= per_uid):  # root is not limited
+            refusals.warn(space, "%s refused: uid %d holds %d sessions, its limit",
+                          cc_name(cmd.commandCode), space.uid, per_uid)
+            return error_response(rm_rc(TPM_RC.SESSION_MEMORY))
         return None
+
+    def uid_sessions(self, uid: int) -> int:
+        """Sessions charged to a uid over all its spaces (every node)."""
+        return sum(1 for entry in self.sessions if entry.owner is not None
+                   and entry.owner.uid == uid)
 
     @staticmethod
     def session_count(space: Space) -> int:

@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cusetpm.backends.base import Backend, BackendError
+from cusetpm.policy import NodePolicy
 from cusetpm.rm import refusals
 from cusetpm.rm.commandtable import CommandTable
 from cusetpm.rm.config import RMConfig
+from cusetpm.rm.counters import Counters
 from cusetpm.rm.errors import RMError
 from cusetpm.rm.execute import Executor, SessionsExhausted
 from cusetpm.rm.regap import Regapper
@@ -114,6 +116,7 @@ class ResourceManager:
         self._freed_seen = 0  # sessions.freed when the waiters were last served
         self._next_service = float("inf")  # when the waiters need looking at again
         self.wait_stats = WaitStats()
+        self.counters = Counters()  # for `cusetpm status` (rm/status.py)
         self.regapper: Regapper | None = None
         self.scheduler = Scheduler(self.config.schedule == "fair", self.config.aging)
 
@@ -168,7 +171,9 @@ class ResourceManager:
 
     # -- spaces ---------------------------------------------------------------------------
 
-    def open_space(self, uid: int = 0) -> Space:
+    def open_space(
+        self, uid: int = 0, pid: int = 0, node: str = "", policy: NodePolicy | None = None
+    ) -> Space:
         with self._cv:
             if self._stopping:
                 raise RMError(errno.ESHUTDOWN, "the resource manager is stopping")
@@ -177,7 +182,7 @@ class ResourceManager:
             per_uid = self.config.max_spaces_per_uid
             if per_uid is not None and self._per_uid[uid] >= per_uid:
                 raise RMError(errno.EMFILE, f"uid {uid} has {per_uid} open spaces, the limit")
-            space = Space(uid=uid)
+            space = Space(uid=uid, pid=pid, node=node, policy=policy)
             self._spaces.add(space)
             self._per_uid[uid] += 1
         log.debug("space %d opened (uid %d)", space.id, uid)
@@ -215,6 +220,7 @@ class ResourceManager:
             )
             if inline:
                 self._current = job
+                self.scheduler.started(job)  # under the lock already taken: no extra hop
             else:
                 self._enqueue(job)
         if inline:
@@ -289,6 +295,15 @@ class ResourceManager:
     def round_trips(self) -> int:
         return self.link.stats.round_trips
 
+    def set_node_policy(self, node: str, policy: NodePolicy | None) -> int:
+        """SIGHUP: the open spaces of `node` follow its new policy; returns how many."""
+        with self._cv:
+            spaces = [s for s in self._spaces if s.node == node]
+            for space in spaces:
+                space.policy = policy
+                space.policy_logged.clear()
+        return len(spaces)
+
     @property
     def open_spaces(self) -> int:
         with self._cv:
@@ -314,6 +329,8 @@ class ResourceManager:
                     job = self._next_job()
                 else:
                     self._current = job
+                    if job.is_command:
+                        self.scheduler.started(job)
             if job is None:
                 _fail(dropped, RMError(errno.ESHUTDOWN, "RM stopping"))
                 return
@@ -340,9 +357,6 @@ class ResourceManager:
         result: Any = None
         error: BaseException | None = None
         parked = False
-        if job.is_command:
-            with self._cv:
-                self.scheduler.started(job)
         started = time.perf_counter()
         try:
             result = self._command(job) if job.run is None else job.run()
@@ -494,6 +508,10 @@ class ResourceManager:
         except RMError as exc:
             refusals.warn(space, "%s refused: %s", _name(command), exc)
             raise
+        code = int.from_bytes(command[6:10], "big") if len(command) >= 10 else -1
+        self.counters.command(code, time.perf_counter() - started)
+        space.commands += 1
+        space.last_command, space.last_rc = code, int.from_bytes(response[6:10], "big")
         if log.isEnabledFor(logging.DEBUG):
             rc = int.from_bytes(response[6:10], "big")
             log.debug(

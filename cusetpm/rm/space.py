@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import time
 from dataclasses import dataclass, field
+
+from cusetpm.policy import NodePolicy
 
 # Virtual transient handles: 0x80FFFFFF, 0x80FFFFFE, ... as the kernel numbers its slots.
 VHANDLE_BASE = 0x80FFFFFF
@@ -40,6 +43,15 @@ class Space:
 
     uid: int = 0
     id: int = field(default_factory=lambda: next(_space_ids))
+    # the node this descriptor was opened on, its policy (None: everything allowed) and opener
+    node: str = ""
+    policy: NodePolicy | None = None
+    pid: int = 0
+    policy_logged: set[int] = field(default_factory=set)  # command codes refused and logged
+    opened: float = field(default_factory=time.time)
+    commands: int = 0  # for `cusetpm status`
+    last_command: int | None = None
+    last_rc: int | None = None
     objects: dict[int, SavedObject] = field(default_factory=dict)  # by virtual handle
     # session handles this space owns (their contexts live in the RM's session table)
     sessions: set[int] = field(default_factory=set)

@@ -48,6 +48,13 @@ def lazy_unmount(path: Path) -> None:
         subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
 
 
+def schedule_args(extra: list[str]) -> list[str]:
+    """CUSETPM_TEST_SCHEDULE=fifo serves the nodes in the other schedule (fair is the
+    default), unless a test names its own."""
+    schedule = os.environ.get("CUSETPM_TEST_SCHEDULE")
+    return ["--schedule", schedule] if schedule and "--schedule" not in extra else []
+
+
 @dataclass
 class Daemon:
     """One `cusetpm serve` subprocess; start() returns once it printed its serving line."""
@@ -72,7 +79,7 @@ class Daemon:
         return [
             sys.executable, "-m", "cusetpm", "serve",
             "--fuse-mount", str(self.mount), "--state-dir", str(self.state),
-            "--log-level", "INFO", *self.extra,
+            "--log-level", "INFO", *self.extra, *schedule_args(self.extra),
         ]
 
     def spawn(self) -> subprocess.Popen[str]:
@@ -192,12 +199,13 @@ def inproc(tmp_path: Path) -> Iterator[InProcessNode]:
     from cusetpm.frontends.files import TpmFileOps
     from cusetpm.frontends.native import NativeReplies, NodeSession
     from cusetpm.frontends.spec import NodeSpec
-    from cusetpm.rm import ResourceManager
+    from cusetpm.rm import ResourceManager, RMConfig
 
     mount = tmp_path / "mnt"
     mount.mkdir()
     backend = LibtpmsBackend(tmp_path / "state")
-    rm = ResourceManager(backend)
+    schedule = os.environ.get("CUSETPM_TEST_SCHEDULE")
+    rm = ResourceManager(backend, RMConfig(schedule=schedule) if schedule else None)
     rm.start()
     ops = TpmFileOps(rm, NativeReplies())
     session = NodeSession(ops, NodeSpec(fuse_mount=str(mount), mode=0o666))

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -91,11 +92,20 @@ def test_client_killed_during_its_command_leaves_nothing(inproc: InProcessNode) 
         )
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "writing"
-        time.sleep(0.03)
+        wait_blocked_in_write(f"/proc/{proc.pid}/syscall")  # the command is in flight
         proc.kill()
         proc.wait()
     assert wait_for_empty_tpm(inproc) == EMPTY
     assert inproc.ops.open_files == 0  # type: ignore[attr-defined]
+
+
+def wait_blocked_in_write(syscall_file: str) -> None:
+    """Until the thread sits in write(2) (x86-64 syscall 1: /proc/.../syscall shows it while
+    it blocks), i.e. the node has the command and has not answered."""
+    deadline = time.monotonic() + 30
+    while not Path(syscall_file).read_text().startswith("1 "):
+        assert time.monotonic() < deadline, "the client never blocked in write()"
+        time.sleep(0.001)
 
 
 def test_signal_during_blocking_write_cancels_the_command(inproc: InProcessNode) -> None:

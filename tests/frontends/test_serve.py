@@ -206,7 +206,13 @@ def test_command_in_flight_finishes_on_sigterm(make_daemon) -> None:  # type: ig
 
     writer = threading.Thread(target=write)
     writer.start()
-    threading.Event().wait(0.03)
+    assert writer.native_id is not None
+    # The command is in flight: the writer blocks in write(2) (x86-64 syscall 1).
+    syscall = f"/proc/self/task/{writer.native_id}/syscall"
+    deadline = time.monotonic() + 30
+    while not Path(syscall).read_text().startswith("1 "):
+        assert time.monotonic() < deadline, "the writer never blocked in write()"
+        time.sleep(0.001)
     assert d.proc is not None
     d.proc.send_signal(signal.SIGTERM)
     writer.join(30)

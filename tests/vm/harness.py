@@ -259,10 +259,27 @@ def guest_suite_script(pytest_args: list[str], rwdir: Path) -> str:
         *pytest_args,
     ]
     return (
-        "#!/bin/sh\n# Written by tests/vm/harness.py; run by the guest.\nexec "
+        "#!/bin/sh\n# Written by tests/vm/harness.py; run by the guest.\n"
+        + share_kselftests(rwdir)
+        + "exec "
         + shlex.join(argv)
         + "\n"
     )
+
+
+def share_kselftests(rwdir: Path) -> str:
+    """The kernel's TPM selftests (tests/frontends/test_kselftest.py) live in a cache on the
+    host that the guest's throw-away /var hides: copy them into the shared directory and
+    point the guest at the copy. Returns the script line that does so ('' if none here)."""
+    from tests.frontends.test_kselftest import KSELFTEST_DIR
+
+    if not (KSELFTEST_DIR / "tpm2_tests.py").is_file():
+        return ""  # the guest's test fails and says how to fetch them
+    copy = rwdir / "kselftest-tpm2"
+    copy.mkdir(exist_ok=True)
+    for source in KSELFTEST_DIR.glob("*.py"):
+        shutil.copy(source, copy / source.name)
+    return f"export CUSETPM_KSELFTEST_DIR={shlex.quote(str(copy))}\n"
 
 
 def run_guest_suite(

@@ -1,0 +1,69 @@
+"""What `cusetpm status` shows, as one JSON-able dict read from the RM's counters.
+
+Read from the control socket's thread without taking the TPM: spaces and counters are
+copied under the manager's lock (held only for the copy), never behind a command.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from cusetpm.tpm.constants import TPM_CC
+
+if TYPE_CHECKING:
+    from cusetpm.rm.manager import ResourceManager
+
+
+def _cc(code: int | None) -> str | None:
+    if code is None:
+        return None
+    try:
+        return TPM_CC(code).name
+    except ValueError:
+        return f"0x{code:08x}"
+
+
+def snapshot(rm: ResourceManager) -> dict[str, Any]:
+    now = time.time()
+    with rm._cv:
+        spaces = list(rm._spaces)
+    executor = rm._executor
+    nodes: dict[str, list[dict[str, Any]]] = {}
+    for space in sorted(spaces, key=lambda s: s.id):
+        nodes.setdefault(space.node, []).append({
+            "space": space.id, "pid": space.pid, "uid": space.uid,
+            "age": round(now - space.opened, 3), "commands": space.commands,
+            "objects": len(space.objects), "sessions": len(space.sessions),
+            "last_command": _cc(space.last_command),
+            "last_rc": None if space.last_rc is None else f"0x{space.last_rc:08x}",
+        })
+    refusals: dict[str, dict[str, int]] = {}
+    if executor is not None:
+        for (node, reason), count in list(executor.policy_refusals.items()):
+            refusals.setdefault(node, {})[reason] = count
+    regapper = rm.regapper
+    tpm: dict[str, Any] = {
+        "backend": rm.backend.name,
+        "sessions_active": len(executor.sessions) if executor else 0,
+        "sessions_max": executor.active_sessions_max if executor else 0,
+        "context_gap_window": regapper.window if regapper else None,
+    }
+    counters = rm.counters
+    return {
+        "uptime": round(now - counters.started, 3),
+        "nodes": nodes,
+        "tpm": tpm,
+        "counters": {
+            "commands": counters.commands,
+            "refusals": refusals,
+            "evictions": rm.wait_stats.evictions,
+            "session_waits": rm.wait_stats.waited,
+            "regap_refreshes": regapper.refreshes if regapper else 0,
+            "round_trips": rm.round_trips,
+        },
+        "per_command": {
+            _cc(code) or "": {"count": n, "p50_us": round(p50 * 1e6), "p99_us": round(p99 * 1e6)}
+            for code, (n, p50, p99) in sorted(rm.counters.per_code().items())
+        },
+    }

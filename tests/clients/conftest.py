@@ -1,3 +1,3 @@
-"""The node fixtures of tests/frontends (a freshly served FUSE node per module), reused."""
+"""tests/clients: the node's fixtures are tests/frontends' (one freshly served node per module)."""
 
-from tests.frontends.conftest import daemon, node, tcti  # noqa: F401
+from tests.frontends.conftest import daemon, inproc, make_daemon, node, tcti  # noqa: F401

@@ -44,6 +44,7 @@ from cusetpm.tpm.constants import (
     TPMA_CC,
     TPMA_SESSION,
     cc_name,
+    command_name,
     handle_type,
     is_session_handle,
     is_transient_handle,
@@ -193,7 +194,7 @@ class Executor:
             response = self.link.transmit(header)
         except BackendError as exc:
             raise RMError(errno.EIO, f"TPM backend failed: {exc}") from exc
-        refusals.warn(space, "%s with tag 0x%04x: the TPM answered 0x%03x", _name(command),
+        refusals.warn(space, "%s with tag 0x%04x: the TPM answered 0x%03x", command_name(command),
                       int.from_bytes(command[0:2], "big"), _rc(response))
         return response
 
@@ -689,10 +690,6 @@ class Executor:
             named.update(h for h in cmd.handles if is_session_handle(h))
             named.update(s.sessionHandle for s in cmd.sessions)
         return named
-
-
-def _name(command: bytes) -> str:
-    return cc_name(cmd_code(command))
 
 
 def cmd_code(command: bytes) -> int:

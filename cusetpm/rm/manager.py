@@ -39,7 +39,7 @@ from cusetpm.rm.space import Space
 from cusetpm.rm.tpmlink import TpmLink
 from cusetpm.tpm import commands as build
 from cusetpm.tpm.commands import TPMError
-from cusetpm.tpm.constants import TPM_CAP, TPM_HT, TPM_PT, TPM_SU, cc_name
+from cusetpm.tpm.constants import TPM_CAP, TPM_HT, TPM_PT, TPM_SU, command_name
 from cusetpm.tpm.rc import TPM_RC, rc_name, rm_rc
 from cusetpm.tpm.response import error_response
 
@@ -506,7 +506,7 @@ class ResourceManager:
         try:
             response = self._executor.execute(space, command, queue_behind=behind)
         except RMError as exc:
-            refusals.warn(space, "%s refused: %s", _name(command), exc)
+            refusals.warn(space, "%s refused: %s", command_name(command), exc)
             raise
         code = int.from_bytes(command[6:10], "big") if len(command) >= 10 else -1
         self.counters.command(code, time.perf_counter() - started)
@@ -517,7 +517,7 @@ class ResourceManager:
             log.debug(
                 "space %d: %s -> %s in %.0f us, %d round trips",
                 space.id,
-                _name(command),
+                command_name(command),
                 rc_name(rc),
                 (time.perf_counter() - started) * 1e6,
                 self.link.stats.round_trips - trips,
@@ -567,5 +567,3 @@ def _fail(jobs: list[Job], error: RMError) -> None:
         job.future.set_exception(error)
 
 
-def _name(command: bytes) -> str:
-    return cc_name(int.from_bytes(command[6:10], "big")) if len(command) >= 10 else "?"

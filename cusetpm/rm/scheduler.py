@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from cusetpm.tpm.constants import TPM_CC, TPM_HEADER_SIZE, TPM_ST, cc_name
+from cusetpm.tpm.constants import TPM_CC, TPM_HEADER_SIZE, TPM_ST, command_name
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,10 @@ class Scheduler:
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug(
                         "space %d: %s runs before %d earlier job(s) (%s; waited %.0f ms)",
-                        job.space_key, _name(job.command), index, reason,
+                        job.space_key,
+                        command_name(job.command) if job.command else "RM work",
+                        index,
+                        reason,
                         (now - job.queued_at) * 1e3,
                     )
         self.stats.max_wait = max(self.stats.max_wait, now - job.queued_at)
@@ -241,5 +244,3 @@ class Scheduler:
             self.service[job.uid] = max(self._service_of(job.uid), floor)
 
 
-def _name(command: bytes) -> str:
-    return cc_name(int.from_bytes(command[6:10], "big")) if len(command) >= 10 else "RM work"

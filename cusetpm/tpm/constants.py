@@ -181,6 +181,11 @@ def cc_name(cc: int) -> str:
         return f"TPM_CC(0x{cc:08x})"
 
 
+def command_name(command: bytes) -> str:
+    """TPM2_<name> of a command's header code, for logging; "?" if it has no header."""
+    return cc_name(int.from_bytes(command[6:10], "big")) if len(command) >= 10 else "?"
+
+
 class TPM_HT(IntEnum):
     PCR = 0x00
     NV_INDEX = 0x01

@@ -104,6 +104,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default 2)",
     )
     parser.add_argument(
+        "--residency", choices=("resident", "eager"), default="resident",
+        help="resident: contexts stay in the TPM between commands until room is needed "
+        "(default); eager: nothing stays loaded between commands",
+    )
+    parser.add_argument(
+        "--keep-free-objects", type=int, metavar="N",
+        help="object slots left free between commands for other users of the TPM "
+        "(default: 1 on a device backend, else 0)",
+    )
+    parser.add_argument(
+        "--keep-free-sessions", type=int, metavar="N",
+        help="session slots left free between commands (default: 1 on a device backend, else 0)",
+    )
+    parser.add_argument(
         "--fuse-debug", action="store_true", help="let libfuse print every request (stderr)"
     )
     parser.add_argument(
@@ -263,7 +277,15 @@ def _rm_config(args: argparse.Namespace) -> RMConfig:
     aging = getattr(args, "aging", 2.0)
     if not aging >= 1.0:
         raise ServeError("--aging must be at least 1 (1: never later than in arrival order)")
-    return RMConfig(**given, schedule=getattr(args, "schedule", "fair"), aging=aging)
+    keep_free: dict[str, int] = {}
+    for key in ("keep_free_objects", "keep_free_sessions"):
+        value = getattr(args, key, None)
+        if value is not None:
+            if value < 0:
+                raise ServeError(f"--{key.replace('_', '-')} must be at least 0")
+            keep_free[key] = value
+    return RMConfig(**given, **keep_free, schedule=getattr(args, "schedule", "fair"),
+                    aging=aging, residency=getattr(args, "residency", "resident"))
 
 
 def _apply_cuse_mode(spec: NodeSpec) -> None:

@@ -34,3 +34,11 @@ class RMConfig:
     # (runs next) once it has waited `aging` times its expected FIFO wait (2: at most twice).
     schedule: str = "fair"
     aging: float = 2.0
+    # Residency (residency.py): "resident" keeps the contexts a command used in the TPM until
+    # room is needed (the least recently used goes first); "eager" puts everything away after
+    # each command (nothing of ours in the TPM between commands, the kernel's way).
+    residency: str = "resident"
+    # Slots left free between commands for others using the same TPM (the kernel's spaces,
+    # trusted keys, its HMAC session). None: 1 on a kernel device backend, else 0.
+    keep_free_objects: int | None = None
+    keep_free_sessions: int | None = None

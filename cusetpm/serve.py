@@ -266,7 +266,7 @@ def sd_notify(state: str) -> bool:
 def _rm_config(args: argparse.Namespace) -> RMConfig:
     from cusetpm.rm import RMConfig
 
-    given = {
+    given: dict[str, Any] = {
         key: getattr(args, key)
         for key in ("max_objects", "max_sessions", "max_spaces")
         if getattr(args, key, None) is not None
@@ -277,15 +277,14 @@ def _rm_config(args: argparse.Namespace) -> RMConfig:
     aging = getattr(args, "aging", 2.0)
     if not aging >= 1.0:
         raise ServeError("--aging must be at least 1 (1: never later than in arrival order)")
-    keep_free: dict[str, int] = {}
     for key in ("keep_free_objects", "keep_free_sessions"):
         value = getattr(args, key, None)
         if value is not None:
             if value < 0:
                 raise ServeError(f"--{key.replace('_', '-')} must be at least 0")
-            keep_free[key] = value
-    return RMConfig(**given, **keep_free, schedule=getattr(args, "schedule", "fair"),
-                    aging=aging, residency=getattr(args, "residency", "resident"))
+            given[key] = value
+    return RMConfig(**given, schedule=getattr(args, "schedule", "fair"), aging=aging,
+                    residency=getattr(args, "residency", "resident"))
 
 
 def _apply_cuse_mode(spec: NodeSpec) -> None:

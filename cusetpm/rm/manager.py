@@ -33,6 +33,7 @@ from cusetpm.rm.counters import Counters
 from cusetpm.rm.errors import RMError
 from cusetpm.rm.execute import Executor, SessionsExhausted
 from cusetpm.rm.regap import Regapper
+from cusetpm.rm.residency import Capacity, Residency
 from cusetpm.rm.scheduler import Scheduler
 from cusetpm.rm.sessions import SessionTable
 from cusetpm.rm.space import Space
@@ -52,6 +53,7 @@ READ_PROPERTIES = (
     TPM_PT.CONTEXT_GAP_MAX,
     TPM_PT.MAX_CAP_BUFFER,
     TPM_PT.HR_TRANSIENT_AVAIL,
+    TPM_PT.HR_LOADED_AVAIL,
 )
 
 
@@ -118,6 +120,7 @@ class ResourceManager:
         self.wait_stats = WaitStats()
         self.counters = Counters()  # for `cusetpm status` (rm/status.py)
         self.regapper: Regapper | None = None
+        self.residency: Residency | None = None
         self.scheduler = Scheduler(self.config.schedule == "fair", self.config.aging)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -130,12 +133,17 @@ class ResourceManager:
             TPM_PT.CONTEXT_GAP_MAX, 0xFFFF
         )
         self.regapper = Regapper(self.link, self.sessions, window)
+        self.residency = Residency(
+            self.link, self.sessions, self.regapper, self._capacity(),
+            eager=self.config.residency == "eager",
+        )
         self._executor = Executor(
             self.link,
             table,
             self.sessions,
             self.config,
             self.regapper,
+            self.residency,
             active_sessions_max=self.properties.get(TPM_PT.ACTIVE_SESSIONS_MAX, 64),
         )
         self._executor.baseline = {
@@ -155,6 +163,23 @@ class ResourceManager:
         )
         self._thread = threading.Thread(target=self._work, name="cusetpm-tpm", daemon=True)
         self._thread.start()
+
+    def _capacity(self) -> Capacity:
+        """The TPM's free slots now (nothing of ours is loaded), less the headroom: on a TPM
+        the kernel uses too, one object and one session slot are left for it by default."""
+        shared = getattr(self.backend, "shared", False)
+        default_free = 1 if shared else 0
+        config = self.config
+        return Capacity(
+            objects=self.properties.get(TPM_PT.HR_TRANSIENT_AVAIL, 3),
+            sessions=self.properties.get(TPM_PT.HR_LOADED_AVAIL, 3),
+            keep_free_objects=(
+                default_free if config.keep_free_objects is None else config.keep_free_objects
+            ),
+            keep_free_sessions=(
+                default_free if config.keep_free_sessions is None else config.keep_free_sessions
+            ),
+        )
 
     def stop(self) -> None:
         """Finish what is queued, close every space (flushing it), stop the worker."""

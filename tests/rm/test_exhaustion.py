@@ -28,6 +28,7 @@ from cusetpm.tpm import commands as build
 from cusetpm.tpm.command import AuthCommand, Command
 from cusetpm.tpm.constants import TPM_CC, TPM_RH, TPM_SE, TPM_ST
 from tests.rm.client import (
+    RC_ATTRIBUTES_S1,
     RC_RM_EVICTED_H0,
     RC_RM_EVICTED_S0,
     RC_RM_SESSION_HANDLES,
@@ -46,7 +47,6 @@ from tests.rm.faults import FaultyBackend
 
 TPM_SESSIONS = 64  # libtpms' TPM_PT_ACTIVE_SESSIONS_MAX
 RC_SESSION_HANDLES = 0x905
-RC_ATTRIBUTES_S1 = 0x982  # TPM_RC_ATTRIBUTES, session 1
 INDEX = 0x00FFFFFF
 
 

@@ -220,6 +220,50 @@ def test_waiters_get_freed_sessions_in_arrival_order(make_rm: RMFactory) -> None
     assert_tpm_empty(rm)
 
 
+def test_cancelled_waiter_handed_a_freed_session_passes_it_on(make_rm: RMFactory) -> None:
+    """Two sessions freed at once go to the first two waiters; the second is cancelled
+    after the hand-off, before it runs (the first holds the worker at the TPM). cancel()
+    drops it, its space is free for its next command, and the session it would have had
+    goes to the third waiter at once (no eviction, no refusal: both are an hour away)."""
+    rm = make_rm(config(session_evict_after=3600.0, session_wait_max=3600.0),
+                 wrap=FaultyBackend)
+    faulty = rm.backend
+    assert isinstance(faulty, FaultyBackend)
+    holder, pair = new_client(rm), new_client(rm)
+    held = fill(holder, TPM_SESSIONS - 2)
+    fill(pair, 2)
+    assert_full(rm)
+    w1, w2, w3 = new_client(rm), new_client(rm), new_client(rm)
+    f1, f2, f3 = park(rm, w1), park(rm, w2), park(rm, w3)
+    gate = faulty.hold(TPM_CC.StartAuthSession)  # the first waiter's, once handed its session
+    mark = faulty.mark()
+    rm.close_space(pair.space)  # two sessions freed in one job: one service hands both
+    try:
+        assert faulty.wait_started(TPM_CC.StartAuthSession, mark)  # w1 holds the worker
+        assert not f2.done() and not f3.done()
+        rm.cancel(w2.space)  # w2 was handed a session and has not run
+    finally:
+        gate.set()
+    with pytest.raises(RMError) as info:
+        f2.result(10)
+    assert info.value.errno == errno.EINTR
+    s1 = handle_of(never_tpm_905(f1.result(10)))
+    # 3600 s from any eviction or refusal: only the session w2 let go can serve w3 by then.
+    s3 = handle_of(never_tpm_905(f3.result(10)))
+    assert usable(w1, s1) and usable(w3, s3)
+    assert rm.wait_stats.evictions == 0 and rm.wait_stats.refused == 0
+    # w2's space is free again (not left busy): its next command runs, and finds the TPM
+    # full again, so it waits like anyone (no session was lost to the cancel).
+    assert len(w2.get_random(8)) == 8
+    assert len(rm.sessions) == TPM_SESSIONS
+    holder.flush(held[0])
+    s2 = handle_of(never_tpm_905(rm.submit(w2.space, start_session_command()).result(10)))
+    assert usable(w2, s2)
+    for client in (holder, w1, w2, w3):
+        rm.close_space(client.space)
+    assert_tpm_empty(rm)
+
+
 # -- eviction ----------------------------------------------------------------------------------
 
 

@@ -242,7 +242,10 @@ def test_runs_as_user_after_setup(make_daemon, public_dir: Path) -> None:  # typ
 
 
 def test_command_in_flight_finishes_on_sigterm(make_daemon) -> None:  # type: ignore[no-untyped-def]
-    d: Daemon = make_daemon().start()
+    # --fuse-debug: libfuse logs each request as the daemon reads it, which tells a command
+    # the daemon has from one still queued in the kernel (SIGTERM ends the loop before
+    # reading that one, and the kernel answers it ECONNABORTED when the node goes).
+    d: Daemon = make_daemon(extra=["--fuse-debug"]).start()
     fd = os.open(d.node, os.O_RDWR)
     result: list[int | BaseException] = []
 
@@ -260,6 +263,9 @@ def test_command_in_flight_finishes_on_sigterm(make_daemon) -> None:  # type: ig
     deadline = time.monotonic() + 30
     while not Path(syscall).read_text().startswith("1 "):
         assert time.monotonic() < deadline, "the writer never blocked in write()"
+        time.sleep(0.001)
+    while "opcode: WRITE" not in d.log():  # ... and the daemon has read it
+        assert time.monotonic() < deadline, "the daemon never read the write"
         time.sleep(0.001)
     assert d.proc is not None
     d.proc.send_signal(signal.SIGTERM)

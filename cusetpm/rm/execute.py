@@ -29,7 +29,7 @@ from cusetpm.rm.capability import answer_handles, handles_query, rewrite_propert
 from cusetpm.rm.commandtable import SESSION_CREATING, CommandTable
 from cusetpm.rm.config import RMConfig
 from cusetpm.rm.errors import RMError, foreign_handle
-from cusetpm.rm.quotas import Quotas
+from cusetpm.rm.quotas import Quotas, fair_victim
 from cusetpm.rm.regap import Regapper
 from cusetpm.rm.sessions import SessionEntry, SessionTable
 from cusetpm.rm.space import SavedObject, Space
@@ -586,7 +586,8 @@ class Executor:
         ]
         if not idle:
             return None
-        victim = min(idle, key=lambda e: e.last_used)
+        victim = fair_victim(idle, self.sessions, self.active_sessions_max,
+                             self.config.max_sessions_per_uid)  # uid-fair LRU (quotas.py)
         self.link.flush_quietly(victim.handle)
         if victim.owner is not None:
             victim.owner.evicted.add(victim.handle)

@@ -10,6 +10,9 @@ Scopes, each checked before anything reaches the TPM:
 Over a quota a space is refused with the RM-layer code of the resource (0x000B0902 objects,
 0x000B0903 sessions); an open, with EMFILE (per uid) or ENFILE (a total).
 
+Under global session exhaustion (every TPM session taken), fair_victim() picks the session to
+evict: first the idle sessions of a uid holding more than its fair share.
+
 Objects count as the RM holds them (a space's saved objects); sessions as a space is charged
 for them (its own and those it saved itself and may load again). The registry is updated
 under the manager's lock; the checks run for whoever holds the TPM and read it lock-free
@@ -19,13 +22,15 @@ under the manager's lock; the checks run for whoever holds the TPM and read it l
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import TypeVar
 
 from cusetpm.rm import refusals
 from cusetpm.rm.config import RMConfig
 from cusetpm.rm.errors import RMError
+from cusetpm.rm.sessions import SessionEntry
 from cusetpm.rm.space import Space
 from cusetpm.tpm.constants import cc_name
 from cusetpm.tpm.rc import TPM_RC, rm_rc
@@ -160,3 +165,34 @@ class Quotas:
     def _refuse(space: Space, code: int, rc: int, why: str) -> bytes:
         refusals.warn(space, "%s refused: %s", cc_name(code), why)
         return error_response(rc)
+
+
+# -- fairness under global session exhaustion ---------------------------------------------------
+
+
+def session_uid(entry: SessionEntry) -> int | None:
+    """The uid a session is charged to: its owner's, or the saving space's; None if abandoned."""
+    space = entry.owner if entry.owner is not None else entry.saved_by
+    return space.uid if space is not None else None
+
+
+def fair_share(held: Iterable[SessionEntry], active_max: int,
+               per_uid: int | None) -> tuple[int, Counter[int]]:
+    """(share, sessions held per uid): ACTIVE_SESSIONS_MAX over the uids holding sessions,
+    no more than the configured per-uid quota."""
+    counts: Counter[int] = Counter()
+    for entry in held:
+        uid = session_uid(entry)
+        if uid is not None:
+            counts[uid] += 1
+    share = max(1, active_max // max(1, len(counts)))
+    return (min(share, per_uid) if per_uid is not None else share), counts
+
+
+def fair_victim(idle: Sequence[SessionEntry], held: Iterable[SessionEntry], active_max: int,
+                per_uid: int | None) -> SessionEntry:
+    """Which idle session to evict: the least recently used of a uid holding more than its
+    fair share, if any; else the least recently used of all. `idle` must not be empty."""
+    share, counts = fair_share(held, active_max, per_uid)
+    over = [e for e in idle if (uid := session_uid(e)) is not None and counts[uid] > share]
+    return min(over or idle, key=lambda e: e.last_used)

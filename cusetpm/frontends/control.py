@@ -97,7 +97,13 @@ def format_text(status: dict) -> str:
                    "rc"])]
     tpm = status["tpm"]
     out.append(f"tpm {tpm['backend']}: sessions {tpm['sessions_active']} of "
-               f"{tpm['sessions_max']}, context-gap window {tpm['context_gap_window']}")
+               f"{tpm['sessions_max']}, context-gap window {tpm['context_gap_window']} "
+               f"({tpm['context_gap_left']} saves left)")
+    slots = tpm["slots"]
+    out.append(f"  slots: sessions {slots['sessions_loaded']} loaded, "
+               f"{slots['sessions_saved']} saved, {slots['sessions_free']} free; "
+               f"objects {slots['objects_resident']} resident of {slots['objects_max']}, "
+               f"{slots['objects_free']} free")
     c = status["counters"]
     out.append(f"since start ({status['uptime']:.0f}s): {c['commands']} commands, "
                f"{c['round_trips']} TPM round trips, {c['evictions']} evictions, "

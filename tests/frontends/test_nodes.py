@@ -143,11 +143,17 @@ def test_status_while_clients_run(tmp_path: Path) -> None:
             assert status["per_command"]["GetRandom"]["count"] >= 2
             assert status["counters"]["round_trips"] >= status["counters"]["commands"] - 1
             assert status["tpm"]["sessions_max"] > 0
+            slots = status["tpm"]["slots"]
+            assert slots["sessions_loaded"] == slots["sessions_saved"] == 0  # none held
+            assert slots["sessions_free"] == status["tpm"]["sessions_max"]
+            assert slots["objects_resident"] == 0 and slots["objects_free"] > 0
+            assert status["tpm"]["context_gap_left"] == status["tpm"]["context_gap_window"]
             text = subprocess.run(
                 [sys.executable, "-m", "cusetpm", "status", "--control", str(control)],
                 capture_output=True, text=True, timeout=60, check=True).stdout
             assert f"node {user}/tpmrm0: 1 open" in text
             assert "GetRandom" in text and "refused on" in text
+            assert "saves left)" in text and "  slots: sessions 0 loaded, 0 saved" in text
             header = next(line for line in text.splitlines() if line.startswith("command"))
             assert header.split() == ["command", "count", "p50", "us", "p99", "us"]
         finally:

@@ -88,8 +88,11 @@ def _table(rows: list[list[str]], header: list[str]) -> list[str]:
 def format_text(status: dict) -> str:
     """Aligned text tables: nodes and their spaces, the TPM, counters, per-command figures."""
     out: list[str] = []
+    limits = status.get("node_limits", {})
     for node, spaces in sorted(status["nodes"].items()):
-        out.append(f"node {node or '-'}: {len(spaces)} open")
+        quota = ", ".join(f"{k} {v}" for k, v in sorted(limits.get(node, {}).items()))
+        out.append(f"node {node or '-'}: {len(spaces)} open"
+                   + (f" (limits: {quota})" if quota else ""))
         rows = [[s["space"], s["pid"], s["uid"], f"{s['age']:.1f}s", s["commands"], s["objects"],
                  s["sessions"], s["last_command"] or "-", s["last_rc"] or "-"] for s in spaces]
         out += ["  " + line for line in _table(

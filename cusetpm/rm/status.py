@@ -6,6 +6,7 @@ copied under the manager's lock (held only for the copy), never behind a command
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -87,9 +88,13 @@ def snapshot(rm: ResourceManager) -> dict[str, Any]:
         "slots": slots(rm),
     }
     counters = rm.counters
+    with rm._cv:
+        limits = {node: {k: v for k, v in dataclasses.asdict(lim).items() if v is not None}
+                  for node, lim in rm.quotas.nodes.items()}
     return {
         "uptime": round(now - counters.started, 3),
         "nodes": nodes,
+        "node_limits": limits,  # [node.limits] of the nodes that have any (rm/quotas.py)
         "tpm": tpm,
         "counters": {
             "commands": counters.commands,

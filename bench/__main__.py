@@ -119,6 +119,25 @@ def report_markdown(report: dict[str, Any]) -> str:
     return "\n".join(head + [""] + [_section_markdown(r) + "\n" for r in report["sections"]])
 
 
+def _own_reports(report: dict[str, Any], out: Path) -> list[Path]:
+    """Sections naming a RESULTS_FILE (e.g. roundtrip/latest.md) also get a file of their own,
+    with the run's date and machine: their tables stay readable next to a partial run."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for result in report["sections"]:
+        name = getattr(importlib.import_module(result["section"]), "RESULTS_FILE", None)
+        if name:
+            groups.setdefault(name, []).append(result)
+    written = []
+    for name, results in groups.items():
+        path = out / name
+        if report["quick"]:
+            path = path.with_name(f"{path.stem}-quick{path.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(report_markdown({**report, "sections": results, "chart": None}))
+        written.append(path)
+    return written
+
+
 def _chart(results: list[dict[str, Any]], out: Path, subtitle: str) -> str | None:
     from bench.chart import draw
 
@@ -141,7 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", metavar="SECTION",
                         help="run only this section (e.g. compare); repeatable")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="output directory")
+    parser.add_argument("--tpm-delay-ms", type=float, metavar="MS",
+                        help="the slow-TPM sections' delay per TPM command (default 3)")
     args = parser.parse_args(argv)
+    if args.tpm_delay_ms is not None:
+        os.environ["CUSETPM_BENCH_TPM_DELAY_MS"] = str(args.tpm_delay_ms)
     logging.basicConfig(level=logging.WARNING)
 
     names = SECTIONS
@@ -163,14 +186,20 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     m = report["machine"]
-    report["chart"] = _chart(results, args.out, f"{report['date']}, commit {report['commit']}, "
-                             f"{m['cpu']}, {m['cores']} cores, kernel {m['kernel']}")
+    report["chart"] = None
+    if not args.only:  # a partial run leaves the full run's latest.* and chart alone
+        report["chart"] = _chart(results, args.out, f"{report['date']}, commit "
+                                 f"{report['commit']}, {m['cpu']}, {m['cores']} cores, "
+                                 f"kernel {m['kernel']}")
     text = json.dumps(report, indent=2) + "\n"
     path = args.out / f"bench-{stamp}{'-quick' if args.quick else ''}.json"
     path.write_text(text)
-    (args.out / "latest.json").write_text(text)
-    (args.out / "latest.md").write_text(report_markdown(report))
-    print(f"\nresults: {args.out / 'latest.md'}, {path}"
+    written = [path, *_own_reports(report, args.out)]
+    if not args.only:
+        (args.out / "latest.json").write_text(text)
+        (args.out / "latest.md").write_text(report_markdown(report))
+        written.insert(0, args.out / "latest.md")
+    print("\nresults: " + ", ".join(str(p) for p in written)
           + (f", {report['chart']}" if report["chart"] else "")
           + f" ({report['seconds']:.0f} s)")
     return 1 if any(r["error"] for r in results) else 0

@@ -25,15 +25,14 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from bench.forwarder import Forwarder, describe, since
+from bench.forwarder import Forwarder, Tally, describe, since
 from bench.systems import (
     Abrmd,
     Client,
     Direct,
     FuseNode,
-    Running,
     SessionBus,
     System,
     abrmd_unavailable,
@@ -102,7 +101,15 @@ def host_systems(tmp: Path) -> tuple[list[tuple[str, System]], dict[str, str], S
     return systems, skipped, bus
 
 
-def count(running: Running, forwarder: Forwarder, workload: CompareWorkload, clients: int,
+class Opener(Protocol):
+    def connect(self) -> Client: ...
+
+
+class Tallied(Protocol):
+    tally: Tally
+
+
+def count(running: Opener, forwarder: Tallied, workload: CompareWorkload, clients: int,
           rounds: int) -> Cell:
     """TPM commands per client command for `clients` interleaved clients of `workload`."""
     opened: list[Client] = []

@@ -23,4 +23,5 @@ SECTIONS: list[str] = [
     "bench.scale",
     "bench.schedule",
     "bench.guest_bench",  # boots the guest kernel; skipped (and says so) with --quick
+    "bench.guest_slowtpm",  # the kernel and cusetpm on one delayed chip, in the guest (same)
 ]

@@ -89,7 +89,9 @@ def run_section(name: str, quick: bool) -> dict[str, Any]:
         # One broken section must not hide the others' numbers.
         rows, error = [], traceback.format_exc()
     return {"section": name, "title": title, "notes": getattr(module, "NOTES", ""),
-            "rows": rows, "error": error, "seconds": round(time.monotonic() - start, 2)}
+            "rows": rows, "error": error, "seconds": round(time.monotonic() - start, 2),
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": _git_commit()}
 
 
 def _section_markdown(result: dict[str, Any]) -> str:
@@ -98,7 +100,8 @@ def _section_markdown(result: dict[str, Any]) -> str:
         parts += ["", result["notes"].rstrip()]
     if result["error"]:
         parts += ["", f"section failed:\n```\n{result['error']}```"]
-    parts += ["", f"_{result['section']}: {result['seconds']:.1f} s_"]
+    when = f", run {result['date']}, commit {result['commit']}" if result.get("date") else ""
+    parts += ["", f"_{result['section']}: {result['seconds']:.1f} s{when}_"]
     return "\n".join(parts)
 
 
@@ -121,7 +124,9 @@ def report_markdown(report: dict[str, Any]) -> str:
 
 def _own_reports(report: dict[str, Any], out: Path) -> list[Path]:
     """Sections naming a RESULTS_FILE (e.g. roundtrip/latest.md) also get a file of their own,
-    with the run's date and machine: their tables stay readable next to a partial run."""
+    with the date and machine. A run of some of a file's sections replaces those and keeps
+    the others from their last run (a JSON next to the file holds them); each section says
+    when it ran."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for result in report["sections"]:
         name = getattr(importlib.import_module(result["section"]), "RESULTS_FILE", None)
@@ -133,9 +138,23 @@ def _own_reports(report: dict[str, Any], out: Path) -> list[Path]:
         if report["quick"]:
             path = path.with_name(f"{path.stem}-quick{path.suffix}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(report_markdown({**report, "sections": results, "chart": None}))
+        kept = path.with_suffix(".json")
+        merged = {r["section"]: r for r in _load_sections(kept)}
+        merged.update({r["section"]: r for r in results})
+        order = {name: i for i, name in enumerate(SECTIONS)}
+        sections = sorted(merged.values(), key=lambda r: order.get(r["section"], len(order)))
+        kept.write_text(json.dumps({**report, "sections": sections}, indent=2) + "\n")
+        path.write_text(report_markdown({**report, "sections": sections, "chart": None}))
         written.append(path)
     return written
+
+
+def _load_sections(path: Path) -> list[dict[str, Any]]:
+    try:
+        sections: list[dict[str, Any]] = json.loads(path.read_text())["sections"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return sections
 
 
 def _chart(results: list[dict[str, Any]], out: Path, subtitle: str) -> str | None:

@@ -35,6 +35,10 @@ VTPM_PROXY_FLAG_TPM2 = 1
 VTPM_PROXY_IOC_NEW_DEV = (3 << 30) | (20 << 16) | (0xA1 << 8)
 TPM2_CC_SET_LOCALITY = 0x20001000
 SUCCESS = struct.pack(">HII", 0x8001, 10, 0)
+# TPM2_SelfTest(fullTest = YES). Under TCG, libtpms's first full self-test takes longer than
+# the kernel waits for the one it sends while registering the chip (then "Operation Timed
+# out" and no chip); run once before, the kernel's (fullTest = NO) has nothing left to test.
+FULL_SELF_TEST = struct.pack(">HIIB", 0x8001, 11, 0x143, 1)
 
 
 class VtpmForwarder:
@@ -46,6 +50,8 @@ class VtpmForwarder:
         self.tally = Tally()
         self.upstream = socket.create_connection(("127.0.0.1", swtpm_port))
         self.upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.upstream.sendall(FULL_SELF_TEST)
+        recv_message(self.upstream)
         request = bytearray(struct.pack("=5I", VTPM_PROXY_FLAG_TPM2, 0, 0, 0, 0))
         vtpmx = os.open(VTPMX, os.O_RDWR)
         try:
@@ -80,6 +86,7 @@ class VtpmForwarder:
             if int.from_bytes(command[6:10], "big") == TPM2_CC_SET_LOCALITY:
                 os.write(self.fd, SUCCESS)
                 continue
+            received = time.monotonic()
             self.tally.add(command)
             if self.spin:
                 hold(self.delay)
@@ -91,7 +98,15 @@ class VtpmForwarder:
             except (ConnectionError, OSError) as e:
                 log.warning("vtpm-proxy %s: swtpm: %s", self.chip, e)
                 return
-            os.write(self.fd, response)
+            log.debug("vtpm-proxy %s: cc 0x%08x -> rc 0x%08x in %.1f ms", self.chip,
+                      int.from_bytes(command[6:10], "big"), int.from_bytes(response[6:10], "big"),
+                      (time.monotonic() - received) * 1000)
+            try:
+                os.write(self.fd, response)
+            except OSError as e:
+                # EPIPE: the kernel gave up on the chip (its registration failed) or it closed
+                log.warning("vtpm-proxy %s: write: %s", self.chip, e)
+                return
 
     def close(self) -> None:
         """Closing the proxy's descriptor removes the chip."""

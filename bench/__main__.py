@@ -140,7 +140,16 @@ def _own_reports(report: dict[str, Any], out: Path) -> list[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = path.with_suffix(".json")
         merged = {r["section"]: r for r in _load_sections(kept)}
-        merged.update({r["section"]: r for r in results})
+        for result in results:
+            old = merged.get(result["section"])
+            if result["error"] and not result["rows"] and old and old.get("rows"):
+                # A broken run (a qemu crash) must not wipe the last good table: keep it, say so.
+                why = result["error"].strip().splitlines()[-1]
+                old = {**old, "notes": old.get("notes", "") +
+                       f"\n- a later run ({result['date']}) failed: {why}\n"}
+                merged[result["section"]] = old
+            else:
+                merged[result["section"]] = result
         order = {name: i for i, name in enumerate(SECTIONS)}
         sections = sorted(merged.values(), key=lambda r: order.get(r["section"], len(order)))
         kept.write_text(json.dumps({**report, "sections": sections}, indent=2) + "\n")

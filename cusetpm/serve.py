@@ -106,9 +106,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default 2)",
     )
     parser.add_argument(
-        "--residency", choices=("resident", "eager"), default="resident",
-        help="resident: contexts stay in the TPM between commands until room is needed "
-        "(default); eager: nothing stays loaded between commands",
+        "--residency", choices=("resident", "eager"), default="eager",
+        help="resident: contexts stay in the TPM between commands until room is needed; "
+        "eager: nothing stays loaded between commands (default, for now)",
     )
     parser.add_argument(
         "--keep-free-objects", type=int, metavar="N",
@@ -286,7 +286,7 @@ def _rm_config(args: argparse.Namespace) -> RMConfig:
                 raise ServeError(f"--{key.replace('_', '-')} must be at least 0")
             given[key] = value
     return RMConfig(**given, schedule=getattr(args, "schedule", "fair"), aging=aging,
-                    residency=getattr(args, "residency", "resident"))
+                    residency=getattr(args, "residency", "eager"))
 
 
 def _apply_cuse_mode(spec: NodeSpec) -> None:

@@ -37,8 +37,9 @@ class RMConfig:
     aging: float = 2.0
     # Residency (residency.py): "resident" keeps the contexts a command used in the TPM until
     # room is needed (the least recently used goes first); "eager" puts everything away after
-    # each command (nothing of ours in the TPM between commands, the kernel's way).
-    residency: str = "resident"
+    # each command (nothing of ours in the TPM between commands, the kernel's way). Eager stays
+    # the default until the frontend and guest suites pass in resident mode too.
+    residency: str = "eager"
     # Slots left free between commands for others using the same TPM (the kernel's spaces,
     # trusted keys, its HMAC session). None: 1 on a kernel device backend, else 0.
     keep_free_objects: int | None = None

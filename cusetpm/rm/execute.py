@@ -423,6 +423,10 @@ class Executor:
                 log.warning("%s; will flush again", exc)
                 self.orphans.add(handle)
                 self.reconcile_needed = True
+        except BackendError as exc:
+            log.warning("flush of session 0x%08x failed (%s); will flush again", handle, exc)
+            self.orphans.add(handle)
+            self.reconcile_needed = True
 
     def prune_abandoned(self) -> None:
         abandoned = self.sessions.abandoned_oldest_first()

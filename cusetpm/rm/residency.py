@@ -308,7 +308,7 @@ class Residency:
         for vhandle, obj in list(space.objects.items()):
             if obj.physical is not None:
                 self._objects.pop((space, vhandle), None)
-                self._flush(obj.physical)
+                self._flush(obj.physical, at_close=True)
             space.drop_object(vhandle)
         space.lost.clear()
 
@@ -412,7 +412,10 @@ class Residency:
         self.fix(TPM_RC.CONTEXT_GAP)
         return self.link.context_save(handle)
 
-    def _flush(self, physical: int) -> None:
+    def _flush(self, physical: int, at_close: bool = False) -> None:
+        """Flush a context the RM no longer accounts for; if the TPM may still hold it (a
+        refused flush; at close, a failing transport too) the next reconcile flushes it
+        again. Mid-command a transport failure propagates: the command gets EIO."""
         self.stats.flushes += 1
         try:
             self.link.flush(physical)
@@ -420,6 +423,11 @@ class Residency:
             if not exc.gone:
                 log.warning("%s; will reconcile", exc)
                 self.reconcile_needed = True
+        except BackendError as exc:
+            if not at_close:
+                raise
+            log.warning("flush of 0x%08x failed (%s); will reconcile", physical, exc)
+            self.reconcile_needed = True
 
     # -- reconcile ------------------------------------------------------------------------
 

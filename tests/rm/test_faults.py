@@ -47,6 +47,11 @@ from tests.rm.client import (
 from tests.rm.conftest import RMFactory, assert_tpm_empty
 from tests.rm.faults import FaultyBackend
 
+# These tests check the eager discipline (nothing of a space in the TPM between commands:
+# census, saved contexts, round trips); resident mode is covered by test_residency.py until
+# they are rewritten to hold in both modes.
+pytestmark = pytest.mark.residency("eager")
+
 FAST_RETRY = RMConfig(retry_first_delay=0.001, retry_max_delay=0.01)
 
 RC_INTEGRITY_P1 = 0x1DF  # TPM_RC_INTEGRITY + TPM_RC_P + TPM_RC_1

@@ -57,6 +57,11 @@ from tests.rm.client import (
     with_unique,
 )
 
+# These tests check the eager discipline (nothing of a space in the TPM between commands:
+# census, saved contexts, round trips); resident mode is covered by test_residency.py until
+# they are rewritten to hold in both modes.
+pytestmark = pytest.mark.residency("eager")
+
 MAX_SPACES = 5
 RULES = (
     "open_space",

@@ -14,6 +14,7 @@ class RMConfig:
     # sessions per user id, over all its spaces on every node (a share of the TPM's
     # ACTIVE_SESSIONS_MAX); root (uid 0) is not limited; None: no per-user limit
     max_sessions_per_uid: int | None = None
+    max_objects_per_uid: int | None = None  # the same for objects (rm/quotas.py)
     retry_first_delay: float = 0.020  # TPM_RC_RETRY/TESTING/YIELDED: 20 ms, doubling ...
     retry_max_delay: float = 2.0  # ... until the delay would exceed 2 s (the kernel's numbers)
     # Session continuation: client-saved sessions whose saving descriptor closed, kept for

@@ -29,6 +29,7 @@ from cusetpm.rm.capability import answer_handles, handles_query, rewrite_propert
 from cusetpm.rm.commandtable import SESSION_CREATING, CommandTable
 from cusetpm.rm.config import RMConfig
 from cusetpm.rm.errors import RMError, foreign_handle
+from cusetpm.rm.quotas import Quotas, fair_victim
 from cusetpm.rm.regap import Regapper
 from cusetpm.rm.sessions import SessionEntry, SessionTable
 from cusetpm.rm.space import SavedObject, Space
@@ -119,6 +120,7 @@ class Executor:
         self.orphans: set[int] = set()
         # policy refusals by (node, reason), for `cusetpm status`
         self.policy_refusals: Counter[tuple[str, str]] = Counter()
+        self.quotas = Quotas(config)  # the manager gives its own (rm/quotas.py)
 
     def execute(self, space: Space, command: bytes, queue_behind: bool = False) -> bytes:
         """The response to one command. `queue_behind`: others are waiting for a TPM session,
@@ -326,18 +328,7 @@ class Executor:
         if creates == "session" and self.session_count(space) >= self.config.max_sessions:
             name = cc_name(cmd.commandCode)
             return self.over_limit(space, name, "sessions", TPM_RC.SESSION_MEMORY)
-        per_uid = self.config.max_sessions_per_uid
-        if (creates == "session" and per_uid is not None and space.uid != 0
-                and self.uid_sessions(space.uid) >= per_uid):  # root is not limited
-            refusals.warn(space, "%s refused: uid %d holds %d sessions, its limit",
-                          cc_name(cmd.commandCode), space.uid, per_uid)
-            return error_response(rm_rc(TPM_RC.SESSION_MEMORY))
-        return None
-
-    def uid_sessions(self, uid: int) -> int:
-        """Sessions charged to a uid over all its spaces (every node)."""
-        return sum(1 for entry in self.sessions if entry.owner is not None
-                   and entry.owner.uid == uid)
+        return self.quotas.check_command(space, creates, cmd.commandCode)  # per uid, per node
 
     @staticmethod
     def session_count(space: Space) -> int:
@@ -595,7 +586,8 @@ class Executor:
         ]
         if not idle:
             return None
-        victim = min(idle, key=lambda e: e.last_used)
+        victim = fair_victim(idle, self.sessions, self.active_sessions_max,
+                             self.config.max_sessions_per_uid)  # uid-fair LRU (quotas.py)
         self.link.flush_quietly(victim.handle)
         if victim.owner is not None:
             victim.owner.evicted.add(victim.handle)

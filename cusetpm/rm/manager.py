@@ -32,6 +32,7 @@ from cusetpm.rm.config import RMConfig
 from cusetpm.rm.counters import Counters
 from cusetpm.rm.errors import RMError
 from cusetpm.rm.execute import Executor, SessionsExhausted
+from cusetpm.rm.quotas import NodeLimits, Quotas
 from cusetpm.rm.regap import Regapper
 from cusetpm.rm.scheduler import Scheduler
 from cusetpm.rm.sessions import SessionTable
@@ -119,6 +120,7 @@ class ResourceManager:
         self.counters = Counters()  # for `cusetpm status` (rm/status.py)
         self.regapper: Regapper | None = None
         self.scheduler = Scheduler(self.config.schedule == "fair", self.config.aging)
+        self.quotas = Quotas(self.config)  # per uid and per node (rm/quotas.py)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -138,6 +140,7 @@ class ResourceManager:
             self.regapper,
             active_sessions_max=self.properties.get(TPM_PT.ACTIVE_SESSIONS_MAX, 64),
         )
+        self._executor.quotas = self.quotas
         self._executor.baseline = {
             handle
             for kind in (TPM_HT.TRANSIENT, TPM_HT.HMAC_SESSION, TPM_HT.POLICY_SESSION)
@@ -179,11 +182,10 @@ class ResourceManager:
                 raise RMError(errno.ESHUTDOWN, "the resource manager is stopping")
             if len(self._spaces) >= self.config.max_spaces:
                 raise RMError(errno.ENFILE, f"{self.config.max_spaces} open spaces is the limit")
-            per_uid = self.config.max_spaces_per_uid
-            if per_uid is not None and self._per_uid[uid] >= per_uid:
-                raise RMError(errno.EMFILE, f"uid {uid} has {per_uid} open spaces, the limit")
+            self.quotas.check_open(uid, node)  # per uid, per node (rm/quotas.py)
             space = Space(uid=uid, pid=pid, node=node, policy=policy)
             self._spaces.add(space)
+            self.quotas.opened(space)
             self._per_uid[uid] += 1
         log.debug("space %d opened (uid %d)", space.id, uid)
         return space
@@ -303,6 +305,12 @@ class ResourceManager:
                 space.policy = policy
                 space.policy_logged.clear()
         return len(spaces)
+
+    def set_node_limits(self, node: str, limits: NodeLimits | None) -> None:
+        """A node's quotas (config [node.limits]; SIGHUP replaces them). Checked at the next
+        open or command: what is already held is never taken away."""
+        with self._cv:
+            self.quotas.set_node_limits(node, limits)
 
     @property
     def open_spaces(self) -> int:
@@ -530,6 +538,7 @@ class ResourceManager:
         refusals.report_at_close(space)
         with self._cv:
             self._spaces.discard(space)
+            self.quotas.closed(space)
             self._per_uid[space.uid] -= 1
             if self._per_uid[space.uid] <= 0:
                 del self._per_uid[space.uid]

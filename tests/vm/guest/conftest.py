@@ -434,7 +434,7 @@ def cusetpm_cuse_node(cuse_daemon: CuseDaemon) -> str:
 
 # -- cusetpm over CUSE on a kernel TPM chip -----------------------------------------------
 
-DEVICE_NODE_NAME = "tpmrm44"
+DEVICE_NODE_NAME = "tpmrm45"  # tpmrm44 is test_nodes_on_cuse.py's
 # Which daemon a test parametrized over ``served`` talks to.
 BACKENDS = ("libtpms", "device")
 
@@ -464,7 +464,7 @@ def device_chip(
 def device_daemon(
     tmp_path_factory: pytest.TempPathFactory, device_chip: TpmChip
 ) -> Iterator[CuseDaemon]:
-    """cusetpm serving /dev/tpmrm44 over CUSE with ``--backend device:/dev/tpmN``, the
+    """cusetpm serving /dev/tpmrm45 over CUSE with ``--backend device:/dev/tpmN``, the
     configuration of a machine with a hardware TPM (the defaults: resident contexts, one
     object and one session slot kept free for the kernel's own users of the chip).
 

@@ -2,7 +2,7 @@
 kernel TPM chip.
 
 The very test functions of tests/clients (on the host they run through a FUSE node on
-libtpms), here on ``device_daemon``: /dev/tpmrm44 served with ``--backend
+libtpms), here on ``device_daemon``: /dev/tpmrm45 served with ``--backend
 device:/dev/tpmN`` -- the node a machine with a hardware TPM gives its programs.  The
 programs are the host's Debian packages, which the guest sees through its shared root
 (tpm2-openssl, clevis, systemd-creds, tpm2-pkcs11's tpm2_ptool and OpenSC's pkcs11-tool,

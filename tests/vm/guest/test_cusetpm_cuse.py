@@ -1,7 +1,7 @@
 """cusetpm over CUSE in the guest kernel: the node clients will really open.
 
 The shared daemons (tests/vm/guest/conftest.py) are ``cuse_daemon``, /dev/tpmrm42 on
-libtpms, and ``device_daemon``, /dev/tpmrm44 on a kernel TPM chip (``--backend
+libtpms, and ``device_daemon``, /dev/tpmrm45 on a kernel TPM chip (``--backend
 device:/dev/tpmN``); tests that send TPM commands run on both (``served``).  The
 kernel's own node for side-by-side checks is ``kernel_tpmrm``.  The node's file
 semantics and the tpm2-tools clients are tests/frontends' tests, run on these nodes by

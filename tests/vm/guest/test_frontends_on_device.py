@@ -1,7 +1,7 @@
 """tests/frontends' node tests on cusetpm's CUSE node over a kernel TPM chip.
 
 The same test functions test_frontends_on_cuse.py runs on the libtpms-backed node, here
-on ``device_daemon``: /dev/tpmrm44 served with ``--backend device:/dev/tpmN``, where
+on ``device_daemon``: /dev/tpmrm45 served with ``--backend device:/dev/tpmN``, where
 /dev/tpmN is a kernel TPM chip (swtpm behind tpm_vtpm_proxy) -- what a machine with a
 hardware TPM runs.  File semantics and the tpm2-tools flows; left out (NOT_ON_DEVICE),
 besides what test_frontends_on_cuse.py leaves out, the cases whose cost buys nothing

@@ -11,7 +11,8 @@ conftest.py, so that no other chip holds the number 0):
    same chip: loops of CreatePrimary/Sign/VerifySignature/FlushContext and policy
    session commands on both sides all succeed, and while cusetpm's clients hold their
    keys and sessions the chip still has the kept-free slots for the kernel's spaces;
-4. once cusetpm stops, the chip holds nothing of it (asked on /dev/tpm0 itself).
+4. a bind mount of cusetpm's node over /dev/tpmrm0 makes it the node clients find;
+5. once cusetpm stops, the chip holds nothing of it (asked on /dev/tpm0 itself).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import select
 import signal
 import struct
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import suppress
@@ -268,6 +270,24 @@ def test_clients_of_both_at_once_on_one_chip(tpm0: Beside) -> None:
         os.close(go_r)
         os.close(go_w)
     assert "Traceback" not in tpm0.daemon.output(), tpm0.daemon.output()
+
+
+def test_bind_mount_makes_cusetpms_node_the_one_clients_find(tpm0: Beside) -> None:
+    """`mount --bind NODE /dev/tpmrm0` (in a mount namespace of its own, so the guest's
+    /dev stays as it is): /dev/tpmrm0 is then cusetpm's device, and tpm2-tools with no
+    TCTI configured (tpm2-tss tries /dev/tpmrm0) gets its answer from cusetpm."""
+    node = os.stat(tpm0.daemon.path).st_rdev
+    script = (f"mount --bind {tpm0.daemon.path} /dev/tpmrm0 && stat -c '%t:%T' /dev/tpmrm0 "
+              "&& tpm2_getrandom --hex 8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TPM2TOOLS_")}
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                          capture_output=True, text=True, env=env, check=False, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rdev, random = done.stdout.split()
+    assert rdev == f"{os.major(node):x}:{os.minor(node):x}", (rdev, node)
+    assert len(random) == 16 and int(random, 16) >= 0
+    # Outside that namespace the kernel's node is untouched.
+    assert os.stat("/dev/tpmrm0").st_rdev != node
 
 
 def test_stopped_cusetpm_leaves_nothing_in_the_chip(tpm0: Beside) -> None:

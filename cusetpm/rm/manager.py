@@ -261,6 +261,10 @@ class ResourceManager:
             for job in dropped:
                 if job in self._handed:
                     self._handed.remove(job)
+                    # The session it was handed is free again: the next waiter's, now (not
+                    # at the next eviction or refusal time).
+                    self._next_service = 0.0
+                    self._cv.notify_all()
                 else:
                     self._queue.remove(job)
                     self.scheduler.removed(job)

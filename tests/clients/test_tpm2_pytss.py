@@ -45,7 +45,9 @@ STORAGE = "restricted|decrypt|fixedtpm|fixedparent|sensitivedataorigin|userwitha
 
 @pytest.fixture
 def esys(node: str) -> Iterator[ESAPI]:
-    with ESAPI(TCTILdr("device", node)) as ctx:
+    # ESAPI.close() does not close a TCTI it was given: close it too, or its descriptor
+    # (a space on the node) lives on until garbage collection.
+    with TCTILdr("device", node) as tcti, ESAPI(tcti) as ctx:
         yield ctx
 
 

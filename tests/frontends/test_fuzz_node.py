@@ -3,12 +3,29 @@ probe and census checks through the FUSE node, with a fixed seed, in both reside
 
 from __future__ import annotations
 
+import errno
+import multiprocessing
+import os
 import random
+import signal
 import struct
+import time
+from typing import Any
 
 import pytest
 
-from bench.fuzz import _mutate_captured, auth_sessions, layout, rebase, run
+from bench.fuzz import (
+    CLIENT_SLOTS,
+    ROW,
+    ClientStats,
+    _mutate_captured,
+    auth_sessions,
+    board_errnos,
+    board_sent,
+    layout,
+    rebase,
+    run,
+)
 from bench.scenarios import wire
 from tests.frontends.conftest import require_fuse
 from tests.rm.test_fuzz import DANGEROUS, FuzzSpace
@@ -60,6 +77,37 @@ def test_mutations_stay_off_dangerous_codes() -> None:
     nv_read = wire.command(0x14E, struct.pack(">II", 0x40000001, 0x01500F22))
     kept = [_mutate_captured(rng, [nv_read], space, _Table()) for _ in range(200)]
     assert any(len(m) > 9 and m[6:10] == nv_read[6:10] for m in kept)
+
+
+def _publish_forever(board: Any, row: int) -> None:
+    stats = ClientStats(board=board, row=row)
+    while True:
+        stats.sent += 1
+        stats.refused[errno.EINVAL] = stats.sent // 2
+        stats.publish()
+
+
+def test_a_client_killed_while_reporting_stalls_nobody() -> None:
+    """The clients' board has no lock: SIGKILLing one mid-report (the driver does it dozens
+    of times a run) leaves what it reported readable and the others reporting. With the
+    earlier shared Value, a client killed inside get_lock() held it for ever."""
+    ctx = multiprocessing.get_context("fork")
+    board = ctx.Array("q", CLIENT_SLOTS * ROW, lock=False)
+    first = ctx.Process(target=_publish_forever, args=(board, 0))
+    first.start()
+    while board[0] < 1000:
+        time.sleep(0.01)
+    os.kill(first.pid or 0, signal.SIGKILL)
+    first.join()
+    reported = board_sent(board)
+    assert reported >= 1000 and board_errnos(board)[errno.EINVAL] >= 400
+    second = ctx.Process(target=_publish_forever, args=(board, 1))
+    second.start()
+    while board[ROW] < 1000:
+        time.sleep(0.01)
+    os.kill(second.pid or 0, signal.SIGKILL)
+    second.join()
+    assert board_sent(board) >= reported + 1000
 
 
 @pytest.mark.parametrize("residency", ["resident", "eager"])

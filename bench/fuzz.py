@@ -1,23 +1,32 @@
-"""`make fuzz`: a million hostile commands through the FUSE node from several processes.
+"""`make fuzz`: a million hostile commands through the FUSE node from several processes, in
+each residency mode of the RM (resident: contexts stay in the TPM between commands; eager:
+everything put away after each command).
 
 The node is served in this process (libtpms, the RM, TpmFileOps, the libfuse session) so the
 driver can look behind it: a guard wraps the real backend and checks every client command
-that reaches the TPM. Client processes (forkserver: clean of this process's threads) each
-open the node, make a few real objects and sessions, then send commands from
-tests/rm/test_fuzz.py's generators (random, structured, valid, mutated) plus mutations of
-traffic captured from a tpm2-tools flow on this very node: bit flips, truncations, lying
-size fields, handle areas naming other spaces' virtual handles and guessed session handles,
-garbage auth areas, huge counts. Interleaved: reopens, O_NONBLOCK writes never read (the fd
-closed with the answer pending), and the driver SIGKILLs clients at random.
+that reaches the TPM. First, real traffic is captured as clients send it through the node: a
+tpm2-tools flow and tpm2-pytss ESAPI flows (primary, create/load/sign, a salted HMAC session
+with parameter encryption, a policy session, NV define/write/read, ContextSave/Load). Client
+processes (forkserver: clean of this process's threads) each open the node, make a few real
+objects and sessions, then send commands from tests/rm/test_fuzz.py's generators (random,
+structured, valid, mutated) and mutations of the captured traffic: bit flips, truncations,
+commandSize, authorizationSize and TPM2B sizes lying, handle areas and auth sessions naming
+other spaces' virtual handles, sessions other clients hold now and guessed session or
+physical handles, garbage auth areas, huge counts, and replays rebased onto the client's own
+handles so they reach the TPM. Interleaved: reopens, O_NONBLOCK writes never read, closes
+with a command in flight, and the driver SIGKILLs clients at random.
 
 Checks, continuously: a probe client's GetRandom is answered within PROBE_BOUND; the guard
-counts client commands whose handle or auth area names a transient handle that is not a
-physical one (a virtual handle the RM did not map) or a session the running space does not
-own (must stay 0); daemon RSS sampled. After each phase (every client gone): the TPM census
-equals the RM's tables (no transient object, every session in the TPM is one the RM tracks,
-and the other way round). Writes bench/results/fuzz.{json,md}.
+counts client commands naming a virtual handle the RM did not map, a physical object not
+loaded for the running space, or a session it does not own (must stay 0); daemon RSS
+sampled; every CENSUS_EVERY seconds, with spaces open, what the TPM holds is in the RM's
+tables (residency, sessions) or was there before us (eager: nothing loaded at all). After
+each phase (every client gone, the probe paused): the TPM holds nothing of ours but the
+sessions clients saved and left for continuation, which the RM tracks; once those are
+dropped, nothing. Writes bench/results/fuzz.{json,md}.
 
-Run: python -m bench.fuzz [--commands 1000000] [--clients 4] [--phase 100000]
+Run: python -m bench.fuzz [--commands 1000000 (per mode)] [--residency both|resident|eager]
+     [--clients 4] [--phase 100000]
 """
 
 from __future__ import annotations

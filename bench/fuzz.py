@@ -679,6 +679,7 @@ class Snapshot:
     saved: set[int]  # session slots saved (contexts held outside it)
     objects: set[int]  # physical transient handles the RM's residency table holds
     sessions: set[int]  # session slots the RM's session table tracks
+    resident_sessions: set[int]  # of those, the ones the RM holds loaded (no saved context)
     abandoned: list[tuple[int, bytes]]  # continuation: (handle, token context) left by clients
 
     def text(self) -> str:
@@ -693,7 +694,7 @@ def resident_objects(rm: Any) -> set[int]:
     residency = getattr(rm, "residency", None)
     if residency is None:
         return set()
-    return set(residency.physical_objects())
+    return set(residency.physical_handles())
 
 
 def snapshot(rm: Any) -> Snapshot:
@@ -710,6 +711,7 @@ def snapshot(rm: Any) -> Snapshot:
             saved={h & slot for h in ex.tpm_handles(TPM_HT.POLICY_SESSION)},
             objects=resident_objects(rm),
             sessions={e.handle & slot for e in rm.sessions},
+            resident_sessions={e.handle & slot for e in rm.sessions if e.context is None},
             abandoned=[(e.handle, continuation.token_context(e, e.token)) for e in rm.sessions
                        if e.abandoned and e.token is not None])
 
@@ -727,12 +729,16 @@ def census_within(snap: Snapshot, baseline: Snapshot, eager: bool) -> tuple[bool
     in_tpm = snap.loaded | snap.saved
     stray_sessions = in_tpm - snap.sessions - baseline.loaded - baseline.saved
     lost = snap.sessions - in_tpm
-    ok = not stray_objects and not stray_sessions and not lost and snap.objects <= snap.transient
+    # a loaded session is one the RM holds loaded, and the other way round
+    loaded_wrong = (snap.loaded - baseline.loaded) ^ snap.resident_sessions
+    ok = not stray_objects and not stray_sessions and not lost and not loaded_wrong \
+        and snap.objects <= snap.transient
     if eager:
         ok = ok and snap.transient <= baseline.transient and snap.loaded <= baseline.loaded \
             and not snap.objects
     return ok, (f"{snap.text()}: stray objects {sorted(map(hex, stray_objects))}, stray "
-                f"sessions {sorted(stray_sessions)}, tracked but gone {sorted(lost)}")
+                f"sessions {sorted(stray_sessions)}, tracked but gone {sorted(lost)}, loaded "
+                f"but not so in the RM (or the reverse) {sorted(loaded_wrong)}")
 
 
 def census_closed(snap: Snapshot, baseline: Snapshot) -> tuple[bool, str]:

@@ -800,6 +800,7 @@ def run(total: int, clients: int, phase: int, seed: int,
     rm = ResourceManager(guard, RMConfig(max_objects=8, max_sessions=4, residency=residency))
     rm.start()
     guard.rm = rm
+    has_residency = getattr(rm, "residency", None) is not None
     ops = TpmFileOps(rm, NativeReplies())
     session = NodeSession(ops, NodeSpec(fuse_mount=str(mount), mode=0o666))
     session.start()
@@ -936,6 +937,8 @@ def run(total: int, clients: int, phase: int, seed: int,
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
                    f"kernel {platform.release()}",
         "residency": residency,
+        # False before rm/residency.py: the mode is parsed but every context is put away
+        "rm_has_residency": has_residency,
         "seed": seed, "clients": clients, "commands": sent, "seconds": round(elapsed, 1),
         "commands_per_s": round(sent / elapsed), "clients_killed": killed,
         "captured_tools_commands": len(tools), "captured_pytss_commands": len(pytss),
@@ -956,6 +959,9 @@ def report_run(r: dict[str, Any]) -> list[str]:
         "",
         f"{r['date']}, {r['machine']}. Seed {r['seed']}, {r['clients']} client processes.",
         "",
+        *([] if r["rm_has_residency"] else [
+            "This RM has no rm/residency.py yet: `residency` is parsed but not acted on, "
+            "every context is put away after each command.", ""]),
         f"- {r['commands']:,} commands in {r['seconds']} s: **{r['commands_per_s']:,} commands/s**",
         f"- clients SIGKILLed mid-work: {r['clients_killed']}",
         f"- captured client commands mutated: {r['captured_tools_commands']} from tpm2-tools, "

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import errno
 import json
 import multiprocessing
@@ -777,6 +778,16 @@ def wait_spaces_closed(rm: Any, timeout: float = 10.0) -> bool:
     return True
 
 
+def per_code_state(rm: Any) -> dict[str, int]:
+    """How many command codes the RM keeps per-code state for: the TPM's own codes at most
+    (and one bucket for the rest), or a client could grow it without bound."""
+    table = rm._executor.table
+    latency = set(rm.counters.latency)
+    durations = {code for code, _ in rm.scheduler.durations.averages}
+    unknown = {c for c in latency | durations if c not in table}
+    return {"latency": len(latency), "durations": len(durations), "unknown_codes": len(unknown)}
+
+
 CENSUS_EVERY = 2.0  # seconds between the in-phase census checks
 STALL_BOUND = 60.0  # a phase without progress this long is a finding (and ends the run)
 
@@ -815,6 +826,9 @@ def run(total: int, clients: int, phase: int, seed: int,
     census_checks = 0
     eager = residency == "eager"
     others = ctx.Array("I", OTHERS_SLOTS * OTHERS_PER_CLIENT, lock=False)
+    # Allocated once: the multiprocessing heap keeps what it hands out, and a board per phase
+    # (1.3 MB each) showed as daemon RSS growth in this very process.
+    board = ctx.Array("q", CLIENT_SLOTS * ROW, lock=False)
     started = time.monotonic()
     try:
         baseline = snapshot(rm)  # what the TPM held before any client: not ours
@@ -834,7 +848,7 @@ def run(total: int, clients: int, phase: int, seed: int,
         probe.start()
         serial = 0
         while sent < total:
-            board = ctx.Array("q", CLIENT_SLOTS * ROW, lock=False)
+            ctypes.memset(board, 0, ctypes.sizeof(board))  # one board per run, not per phase
             rows = 0
             quota = max(1, phase // clients)
             t0 = time.monotonic()
@@ -916,6 +930,13 @@ def run(total: int, clients: int, phase: int, seed: int,
         probe.stop.set()
         probe.resume()
         probe.join()
+        per_code = per_code_state(rm)
+        if per_code["unknown_codes"] > 1:
+            findings.append(
+                f"the RM keeps state for {per_code['unknown_codes']} command codes the TPM "
+                f"does not know (counters.latency {per_code['latency']}, scheduler "
+                f"durations {per_code['durations']} keys): it grows with every distinct code "
+                "a client sends")
     finally:
         session.stop()
         rm.stop()
@@ -945,6 +966,7 @@ def run(total: int, clients: int, phase: int, seed: int,
         "captured_codes": sorted({command_name(c) for c in captured if len(c) >= 10}),
         "guard_checked": guard.checked, "guard_violations": len(guard.violations),
         "census_checks": census_checks,
+        "rm_per_code_state": per_code,
         "probe_answered": probe.answered, "probe_worst_s": round(probe.worst, 3),
         "probe_bound_s": PROBE_BOUND, "rss_start_kib": rss[0], "rss_max_kib": max(rss),
         "rss_end_kib": rss[-1], "rss_bound_kib": RSS_BOUND_KIB,

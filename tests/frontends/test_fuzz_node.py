@@ -110,11 +110,30 @@ def test_a_client_killed_while_reporting_stalls_nobody() -> None:
     assert board_sent(board) >= reported + 1000
 
 
-@pytest.mark.parametrize("residency", ["resident", "eager"])
-def test_fuzz_slice_through_the_node(residency: str) -> None:
+# Found by make fuzz (its daemon RSS grew ~40 KiB per 1,000 hostile commands): rm/counters.py
+# (latency per code) and rm/scheduler.py (durations per code) keep an entry for every distinct
+# command code a client sends, known to the TPM or not: ~1.1 KiB each, without bound. Outside
+# bench/ and tests/, so reported, not fixed here; strict: remove the mark once fixed.
+PER_CODE_LEAK = "the RM keeps state for"
+
+
+@pytest.fixture(scope="module", params=["resident", "eager"])
+def slice_result(request: pytest.FixtureRequest) -> dict[str, Any]:
     require_fuse()
-    result = run(total=10_000, clients=3, phase=5_000, seed=0x51CE, residency=residency)
-    assert result["findings"] == [], result["findings"]
+    return run(total=10_000, clients=3, phase=5_000, seed=0x51CE, residency=request.param)
+
+
+@pytest.mark.xfail(strict=True, reason="rm/counters.py, rm/scheduler.py: per-code state for "
+                   "any client-sent command code (reported to the integrator)")
+def test_no_per_code_state_for_unknown_codes(slice_result: dict[str, Any]) -> None:
+    assert slice_result["rm_per_code_state"]["unknown_codes"] <= 1, slice_result[
+        "rm_per_code_state"]
+
+
+def test_fuzz_slice_through_the_node(slice_result: dict[str, Any]) -> None:
+    result = slice_result
+    others = [f for f in result["findings"] if not f.startswith(PER_CODE_LEAK)]
+    assert others == [], others
     assert result["commands"] >= 10_000
     assert result["guard_checked"] > 0 and result["guard_violations"] == 0
     assert all(phase["census_ok"] for phase in result["phases"])

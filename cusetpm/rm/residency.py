@@ -152,13 +152,19 @@ class Residency:
         running.sessions = set(req.sessions)
         self._running = running
         missing = [vh for vh in req.objects if space.objects[vh].physical is None]
-        self._make_room_objects(len(missing) + (req.creates == "object"))
+        # The headroom holds during the command too: the kernel's commands run between ours.
+        capacity = self.capacity
+        self._make_room_objects(
+            len(missing) + (req.creates == "object") + capacity.keep_free_objects
+        )
         for vh in missing:
             self._load_object(space, vh)
         for vh in req.objects:
             self._objects.move_to_end((space, vh))
         saved = [h for h in req.sessions if self._entry(h).context is not None]
-        self._make_room_sessions(len(saved) + (req.creates == "session"))
+        self._make_room_sessions(
+            len(saved) + (req.creates == "session") + capacity.keep_free_sessions
+        )
         for handle in saved:
             self._load_session(space, handle)
         for handle in req.sessions:

@@ -26,13 +26,17 @@ def codes(backend: FaultyBackend, mark: int) -> list[int]:
 
 
 def faulty(make_rm: RMFactory) -> tuple[ResourceManager, FaultyBackend]:
+    return faulty_with(make_rm, None)
+
+
+def faulty_with(make_rm: RMFactory, config: object) -> tuple[ResourceManager, FaultyBackend]:
     wrapped: list[FaultyBackend] = []
 
     def wrap(backend):  # type: ignore[no-untyped-def]
         wrapped.append(FaultyBackend(backend))
         return wrapped[0]
 
-    rm = make_rm(wrap=wrap)
+    rm = make_rm(config, wrap=wrap)
     return rm, wrapped[0]
 
 
@@ -190,3 +194,20 @@ def test_get_capability_shows_the_tpms_slots_as_free(residency: str, make_rm: RM
     response = a.send(build.get_capability(6, 0x207, 1))  # TPM_CAP_TPM_PROPERTIES
     _, data = build.parse_get_capability(response)
     assert [(p.property, p.value) for p in data.properties] == [(0x207, 3)]
+
+
+def test_keep_free_objects_leaves_a_slot_between_and_during_commands(make_rm: RMFactory) -> None:
+    """--keep-free-objects 1 on libtpms' 3 slots: at most 2 of ours between commands, and a
+    CreatePrimary leaves one slot free even while it runs."""
+    from cusetpm.rm import RMConfig
+
+    rm, backend = faulty_with(make_rm, RMConfig(keep_free_objects=1))
+    client = RawClient(rm, rm.open_space())
+    for _ in range(4):
+        mark = backend.mark()
+        client.create_primary()
+        assert rm.residency is not None and rm.residency.resident_objects <= 2
+        # the TPM's own count when CreatePrimary ran: everything flushed before it, minus
+        # what was saved out, leaves at most one of ours beside the new object
+        assert len(rm.tpm_census()["transient"]) <= 2
+        assert TPM_CC.CreatePrimary in codes(backend, mark)

@@ -20,6 +20,7 @@ import errno
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from cusetpm.backends.base import BackendError
@@ -227,6 +228,8 @@ class Executor:
         """
         for i, handle in enumerate(cmd.handles):
             if is_transient_handle(handle) and handle not in space.objects:
+                if handle in space.lost:  # see after_tpm_restart
+                    raise RMError(errno.ENOENT, f"object 0x{handle:08x} lost: the TPM restarted")
                 raise foreign_handle(handle, "handle area")
             if is_session_handle(handle) and handle not in space.sessions:
                 if handle in space.evicted:
@@ -690,6 +693,31 @@ class Executor:
             named.update(h for h in cmd.handles if is_session_handle(h))
             named.update(s.sessionHandle for s in cmd.sessions)
         return named
+
+    # -- the TPM restarted (rm/backendstate.py detects it) --------------------------------
+
+    def after_tpm_restart(self, spaces: Iterable[Space], flush: bool) -> None:
+        """The TPM was reset or restarted: every context the RM saved is useless (session
+        contexts die with a TPM Reset/Restart; object contexts of the null hierarchy too, and
+        the RM cannot tell which others would still load). Forget them all, so that their
+        owners get the RM's documented answers instead of the TPM's integrity failures:
+        a session: the RM-layer TPM_RC_REFERENCE_H<n>/S<n> of an evicted one; a token: the
+        stale-token code; an object: ENOENT (check_ownership). `flush`: no TPM Reset (the
+        reset count is the same), so the TPM may still hold the saved sessions (a Resume
+        keeps them): flush them, or they would fill its slots with nobody to free them."""
+        for entry in self.sessions:
+            if flush:
+                self.link.flush_quietly(entry.handle)
+            if entry.owner is not None:
+                entry.owner.evicted.add(entry.handle)
+            self.sessions.forget(entry.handle)  # a client-saved session's token is spent too
+        for space in spaces:
+            # Popped, not dropped: a lost handle's number is not given to a new object.
+            space.lost.update(space.objects)
+            space.objects.clear()
+        self.orphans.clear()
+        self.reconcile_needed = False
+        self.regapper.latest = 0  # the TPM numbers session saves from the start again
 
 
 def cmd_code(command: bytes) -> int:

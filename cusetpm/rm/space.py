@@ -61,6 +61,9 @@ class Space:
     # handles of its sessions the RM evicted under global exhaustion: using one gets an
     # RM-layer error, never whatever session the TPM later gives that number
     evicted: set[int] = field(default_factory=set)
+    # virtual handles of its objects lost when the TPM restarted (rm/backendstate.py): using
+    # one is ENOENT; their numbers are never given out again in this space
+    lost: set[int] = field(default_factory=set)
     refusals: int = 0  # commands refused so far (rm/refusals.py rate-limits their warnings)
     closed: bool = False
     _free: list[int] = field(default_factory=list)

@@ -17,6 +17,9 @@ class RMConfig:
     max_objects_per_uid: int | None = None  # the same for objects (rm/quotas.py)
     retry_first_delay: float = 0.020  # TPM_RC_RETRY/TESTING/YIELDED: 20 ms, doubling ...
     retry_max_delay: float = 2.0  # ... until the delay would exceed 2 s (the kernel's numbers)
+    # The backend lost (rm/backendstate.py): reconnect after 0.1 s, doubling to every 5 s.
+    reopen_first_delay: float = 0.1
+    reopen_max_delay: float = 5.0
     # Session continuation: client-saved sessions whose saving descriptor closed, kept for
     # another descriptor to load; beyond this many the oldest is flushed.
     max_abandoned_sessions: int = 16

@@ -22,6 +22,7 @@ import errno
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterable
 
 from cusetpm.backends.base import BackendError
 from cusetpm.policy import decide
@@ -232,10 +233,10 @@ class Executor:
 
     @staticmethod
     def report_lost(space: Space, cmd: Command, vhandle: int) -> bytes:
-        """An object lost while another command ran: its next use gets the errno, once; a
-        FlushContext of it succeeds. Either way the handle is free again."""
-        err = space.lost[vhandle]
-        space.drop_object(vhandle)
+        """An object whose context is gone: its next use gets the errno, once; a FlushContext
+        of it succeeds. Its number is not given to a new object (a stale copy of the handle
+        must not reach someone else's key), so after that it is simply unknown."""
+        err = space.lost.pop(vhandle)
         if cmd.commandCode == TPM_CC.FlushContext:
             return SUCCESS_RESPONSE
         raise RMError(err, f"object 0x{vhandle:08x} was lost: the TPM refused to save it")
@@ -525,6 +526,31 @@ class Executor:
             named.update(h for h in cmd.handles if is_session_handle(h))
             named.update(s.sessionHandle for s in cmd.sessions)
         return named
+
+    # -- the TPM restarted (rm/backendstate.py detects it) --------------------------------
+
+    def after_tpm_restart(self, spaces: Iterable[Space], flush: bool) -> None:
+        """The TPM was reset or restarted: every context the RM saved is useless (session
+        contexts die with a TPM Reset/Restart; object contexts of the null hierarchy too, and
+        the RM cannot tell which others would still load). Forget them all, so that their
+        owners get the RM's documented answers instead of the TPM's integrity failures:
+        a session: the RM-layer TPM_RC_REFERENCE_H<n>/S<n> of an evicted one; a token: the
+        stale-token code; an object: ENOENT (check_ownership). `flush`: no TPM Reset (the
+        reset count is the same), so the TPM may still hold the saved sessions (a Resume
+        keeps them): flush them, or they would fill its slots with nobody to free them."""
+        for entry in self.sessions:
+            if flush:
+                self.link.flush_quietly(entry.handle)
+            if entry.owner is not None:
+                entry.owner.revoked.add(entry.handle)
+            self.sessions.forget(entry.handle)  # a client-saved session's token is spent too
+        self.residency.forget_all()  # nothing of ours is resident in a restarted TPM
+        for space in spaces:
+            for vhandle in list(space.objects):
+                space.lose_object(vhandle, errno.ENOENT)
+        self.orphans.clear()
+        self.reconcile_needed = False
+        self.regapper.latest = 0  # the TPM numbers session saves from the start again
 
 
 def cmd_code(command: bytes) -> int:

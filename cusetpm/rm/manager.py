@@ -27,6 +27,7 @@ from typing import Any
 from cusetpm.backends.base import Backend, BackendError
 from cusetpm.policy import NodePolicy
 from cusetpm.rm import refusals
+from cusetpm.rm.backendstate import BackendState
 from cusetpm.rm.commandtable import CommandTable
 from cusetpm.rm.config import RMConfig
 from cusetpm.rm.counters import Counters
@@ -124,6 +125,7 @@ class ResourceManager:
         self.residency: Residency | None = None
         self.scheduler = Scheduler(self.config.schedule == "fair", self.config.aging)
         self.quotas = Quotas(self.config)  # per uid and per node (rm/quotas.py)
+        self.backend_state = BackendState(self, self._rm_work)  # backend lost and back
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -164,6 +166,7 @@ class ResourceManager:
             len(table),
             ", ".join(f"{TPM_PT(p).name}={self.properties.get(p)}" for p in READ_PROPERTIES),
         )
+        self.backend_state.start()
         self._thread = threading.Thread(target=self._work, name="cusetpm-tpm", daemon=True)
         self._thread.start()
 
@@ -186,6 +189,7 @@ class ResourceManager:
 
     def stop(self) -> None:
         """Finish what is queued, close every space (flushing it), stop the worker."""
+        self.backend_state.stop()
         with self._cv:
             spaces = list(self._spaces)
         for space in spaces:
@@ -205,6 +209,7 @@ class ResourceManager:
         with self._cv:
             if self._stopping:
                 raise RMError(errno.ESHUTDOWN, "the resource manager is stopping")
+            self.backend_state.check_open()
             if len(self._spaces) >= self.config.max_spaces:
                 raise RMError(errno.ENFILE, f"{self.config.max_spaces} open spaces is the limit")
             self.quotas.check_open(uid, node)  # per uid, per node (rm/quotas.py)
@@ -316,11 +321,15 @@ class ResourceManager:
                 )
             }
 
-        job = Job(Space(uid=-1), census)
+        result: dict[str, list[int]] = self._rm_work(census).result()
+        return result
+
+    def _rm_work(self, run: Callable[[], Any]) -> Future[Any]:
+        """Queue RM work that needs the TPM (no space's command): its future."""
+        job = Job(Space(uid=-1), run)
         with self._cv:
             self._enqueue(job)
-        result: dict[str, list[int]] = job.future.result()
-        return result
+        return job.future
 
     @property
     def round_trips(self) -> int:
@@ -541,8 +550,10 @@ class ResourceManager:
         started = time.perf_counter()
         trips = self.link.stats.round_trips
         try:
+            self.backend_state.before_command()
             response = self._executor.execute(space, command, queue_behind=behind)
         except RMError as exc:
+            self.backend_state.after_error(exc)
             refusals.warn(space, "%s refused: %s", command_name(command), exc)
             raise
         code = int.from_bytes(command[6:10], "big") if len(command) >= 10 else -1
@@ -563,7 +574,14 @@ class ResourceManager:
 
     def _close(self, space: Space) -> None:
         assert self._executor is not None
-        self._executor.close(space)
+        try:
+            if self.backend_state.down:
+                self.backend_state.close_offline(space)
+            else:
+                self._executor.close(space)
+        except BackendError as exc:
+            self.backend_state.after_error(exc)
+            self.backend_state.close_offline(space)
         refusals.report_at_close(space)
         with self._cv:
             self._spaces.discard(space)

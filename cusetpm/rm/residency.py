@@ -480,6 +480,25 @@ class Residency:
         if self.eager:
             self.finish()
 
+    def forget_space(self, space: Space) -> None:
+        """The space closed while the TPM is unreachable: its objects are forgotten without
+        a TPM command; the next reconcile flushes what the TPM still holds of them."""
+        for key in [k for k in self._objects if k[0] is space]:
+            del self._objects[key]
+            self.reconcile_needed = True
+        space.objects.clear()
+        space.lost.clear()
+
+    def forget_all(self) -> None:
+        """The TPM restarted: no context of ours is in it any more."""
+        for space, vhandle in self._objects:
+            obj = space.objects.get(vhandle)
+            if obj is not None:
+                obj.physical = None
+        self._objects.clear()
+        self._running = None
+        self.reconcile_needed = False
+
     # -- status ---------------------------------------------------------------------------
 
     def status(self) -> dict[str, int]:

@@ -64,8 +64,8 @@ class Space:
     # their context could not be saved): using one gets an RM-layer error, never whatever
     # session the TPM later gives that number
     revoked: set[int] = field(default_factory=set)
-    # objects lost while another command ran (their context could not be saved when they were
-    # evicted): virtual handle -> the errno the next use of it gets
+    # objects whose context is gone (the TPM refused to save it on eviction, or the TPM
+    # restarted: rm/backendstate.py): virtual handle -> the errno its next use gets, once
     lost: dict[int, int] = field(default_factory=dict)
     refusals: int = 0  # commands refused so far (rm/refusals.py rate-limits their warnings)
     closed: bool = False
@@ -81,13 +81,11 @@ class Space:
         return self._next - 1
 
     def drop_object(self, vhandle: int) -> None:
-        dropped = self.objects.pop(vhandle, None) is not None
-        reported = self.lost.pop(vhandle, None) is not None
-        if dropped or reported:
+        if self.objects.pop(vhandle, None) is not None:
             heapq.heappush(self._free, index_of(vhandle))
 
     def lose_object(self, vhandle: int, err: int) -> None:
-        """Its context is gone; the handle stays taken until the client hears of it."""
+        """Its context is gone; its number is never given out again in this space."""
         if self.objects.pop(vhandle, None) is not None:
             self.lost[vhandle] = err
 

@@ -294,8 +294,23 @@ class Executor:
         if entry is None:
             refusals.warn(space, "ContextLoad of a spent or unknown session token")
             return error_response(continuation.RC_STALE_TOKEN)
-        if entry.saved_by is not space and self.session_count(space) >= self.config.max_sessions:
-            return self.over_limit(space, "TPM2_ContextLoad", "sessions", TPM_RC.SESSION_MEMORY)
+        if entry.node != space.node:
+            # A policy session satisfied on one node must not carry that authority to a node
+            # whose policy is narrower: a token is claimed only where it was saved.
+            refusals.warn(space, "ContextLoad of a session token saved on node %s refused",
+                          entry.node)
+            return error_response(continuation.RC_STALE_TOKEN)
+        if entry.saved_by is not space:
+            if self.session_count(space) >= self.config.max_sessions:
+                return self.over_limit(space, "TPM2_ContextLoad", "sessions",
+                                       TPM_RC.SESSION_MEMORY)
+            saver = entry.saved_by
+            if saver is None or saver.uid != space.uid:
+                # Abandoned, or another uid's: the session joins this uid's count (the quotas
+                # count a uid's own client-saved sessions already).
+                refusal = self.quotas.check_command(space, "session", TPM_CC.ContextLoad)
+                if refusal is not None:
+                    return refusal
         self.sessions.claim(entry, space)
         log.debug("space %d: session 0x%08x loaded from a token", space.id, entry.handle)
         return Response(TPM_ST.NO_SESSIONS, 0, handle=entry.handle).to_bytes()

@@ -32,6 +32,7 @@ class SessionEntry:
     context: bytes | None = None  # saved TPMS_CONTEXT while saved; None while loaded
     token: bytes | None = None  # CLIENT_SAVED: the blob the client holds
     saved_by: Space | None = None  # CLIENT_SAVED: the space that saved it, while open
+    node: str = ""  # the node of the space that started it: its token is claimed there only
     last_used: float = field(default_factory=time.monotonic)
 
     @property
@@ -63,7 +64,7 @@ class SessionTable:
     # -- membership -----------------------------------------------------------------------
 
     def add(self, handle: int, owner: Space) -> SessionEntry:
-        entry = SessionEntry(handle=handle, owner=owner)
+        entry = SessionEntry(handle=handle, owner=owner, node=owner.node)
         self._entries[handle] = entry
         owner.sessions.add(handle)
         owner.revoked.discard(handle)  # the TPM reused the number: it is this space's again

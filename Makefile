@@ -106,7 +106,8 @@ conformance: setup bench-deps
 
 # Long runs, not part of `make test`: 30 minutes of clients opening and closing the FUSE node
 # (daemon RSS each minute, bench/results/soak.md), and a million hostile commands through it
-# (bench/results/fuzz.md). SOAK_ARGS / FUZZ_ARGS pass options (--minutes, --commands, ...).
+# in each residency mode (bench/results/fuzz.md). SOAK_ARGS / FUZZ_ARGS pass options
+# (--minutes, --commands per mode, --residency, ...).
 SOAK_ARGS ?=
 FUZZ_ARGS ?=
 soak: setup bench-deps

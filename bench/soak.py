@@ -8,7 +8,7 @@ while they hold objects and sessions. Memory per space and per saved context mus
 flat: after every minute the daemon's VmRSS is recorded beside the commands done so far;
 at the end, with every client gone, a fresh descriptor must still be answered.
 
-Run: python -m bench.soak [--minutes 30] [--clients 6]
+Run: python -m bench.soak [--minutes 30] [--clients 6] [--residency resident|eager]
 """
 
 from __future__ import annotations
@@ -45,12 +45,22 @@ def _xact(fd: int, command: bytes) -> bytes:
     return os.read(fd, 4096)
 
 
-def client(node: str, seed: int, counter: Any, stop: Any) -> None:
-    """One client process: loops of open, work, close until told to stop."""
+# Commands done, one counter per client process (its `row`), written by it alone: the driver
+# SIGKILLs clients at random, and one killed while holding a shared lock (a Value's or an
+# Event's) would leave it held for ever, stalling every other client and the driver.
+MAX_CLIENTS = 8192
+
+
+def commands_done(counts: Any) -> int:
+    return sum(counts)
+
+
+def client(node: str, seed: int, counts: Any, row: int, stop: Any) -> None:
+    """One client process: loops of open, work, close until `stop` (a raw flag) is set."""
     rng = random.Random(seed)
-    while not stop.is_set():
+    done = 0
+    while not stop.value:
         fd = os.open(node, os.O_RDWR)
-        done = 0
         try:
             for _ in range(rng.randint(1, 12)):
                 kind = rng.randrange(6)
@@ -77,22 +87,21 @@ def client(node: str, seed: int, counter: Any, stop: Any) -> None:
             pass  # a limit reached (EBUSY/ENOMEM-style refusals are fine for a soak)
         finally:
             os.close(fd)
-            with counter.get_lock():
-                counter.value += done
+            counts[row] = done
 
 
-def run(minutes: float, clients: int, seed: int) -> dict[str, Any]:
+def run(minutes: float, clients: int, seed: int, residency: str = "resident") -> dict[str, Any]:
     ctx = multiprocessing.get_context("fork")
     samples: list[dict[str, Any]] = []
     killed = 0
-    with tempfile.TemporaryDirectory(prefix="cusetpm-soak-") as tmp, _daemon(Path(tmp)) as (
-        node,
-        pid,
-    ):
-        counter = ctx.Value("q", 0)
-        stop = ctx.Event()
+    extra = ("--residency", residency)
+    with tempfile.TemporaryDirectory(prefix="cusetpm-soak-") as tmp, _daemon(
+        Path(tmp), extra
+    ) as (node, pid):
+        counts = ctx.RawArray("q", MAX_CLIENTS)
+        stop = ctx.RawValue("b", 0)
         rng = random.Random(seed)
-        procs = [ctx.Process(target=client, args=(node, seed + i, counter, stop))
+        procs = [ctx.Process(target=client, args=(node, seed + i, counts, i, stop))
                  for i in range(clients)]
         for p in procs:
             p.start()
@@ -110,20 +119,27 @@ def run(minutes: float, clients: int, seed: int) -> dict[str, Any]:
                 procs[i].join()
                 killed += 1
                 serial += 1
-                procs[i] = ctx.Process(target=client, args=(node, seed + serial, counter, stop))
+                procs[i] = ctx.Process(target=client, args=(
+                    node, seed + serial, counts, serial % MAX_CLIENTS, stop))
                 procs[i].start()
             if time.monotonic() >= next_sample:
                 minute = round((time.monotonic() - start) / 60)
                 samples.append({"minute": minute, "rss_kib": rss_kib(pid),
-                                "commands": counter.value, "killed": killed})
+                                "commands": commands_done(counts), "killed": killed})
                 print(f"soak: minute {minute}: rss {samples[-1]['rss_kib']} KiB, "
-                      f"{counter.value} commands, {killed} clients killed", flush=True)
+                      f"{samples[-1]['commands']} commands, {killed} clients killed", flush=True)
                 next_sample += 60
-        stop.set()
+        stop.value = 1
+        stuck = 0
         for p in procs:
             p.join(30)
+            if p.is_alive():  # a client that cannot finish its loop is a finding
+                stuck += 1
+                p.kill()
+                p.join()
         samples.append({"minute": round((time.monotonic() - start) / 60, 1),
-                        "rss_kib": rss_kib(pid), "commands": counter.value, "killed": killed})
+                        "rss_kib": rss_kib(pid), "commands": commands_done(counts),
+                        "killed": killed})
         # After every client left: one more descriptor must see an empty TPM of its own and
         # the daemon must still answer.
         fd = os.open(node, os.O_RDWR)
@@ -136,7 +152,9 @@ def run(minutes: float, clients: int, seed: int) -> dict[str, Any]:
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
                    f"kernel {platform.release()}",
         "minutes": minutes,
+        "residency": residency,
         "clients": clients,
+        "clients_stuck": stuck,
         "seed": seed,
         "clients_killed": killed,
         "samples": samples,
@@ -152,9 +170,12 @@ def report(result: dict[str, Any]) -> str:
     lines = [
         f"# make soak: {result['minutes']} min, {result['clients']} client processes",
         "",
-        f"{result['date']}, {result['machine']}. Seed {result['seed']}.",
+        f"{result['date']}, {result['machine']}. Seed {result['seed']}; the daemon with "
+        f"`--residency {result.get('residency', 'eager')}`.",
         "",
+        *([f"Note: {result['note']}", ""] if result.get("note") else []),
         f"- commands: {last['commands']}; clients SIGKILLed mid-work: {result['clients_killed']}",
+        f"- clients that could not finish when told to stop: {result.get('clients_stuck', 0)}",
         f"- daemon RSS after minute 1: {warm['rss_kib']} KiB; at the end: {last['rss_kib']} KiB;"
         f" growth {growth:+d} KiB ({growth / max(warm['rss_kib'], 1):+.1%})",
         f"- daemon answered a fresh descriptor after the run: {result['daemon_answered_after']}",
@@ -195,15 +216,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0x50AC)
+    parser.add_argument("--residency", choices=("resident", "eager"), default="resident")
+    parser.add_argument("--note", default="", help="a line for the report (why it is short...)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    result = run(args.minutes, args.clients, args.seed)
+    result = run(args.minutes, args.clients, args.seed, args.residency)
+    result["note"] = args.note
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "soak.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / "soak.md").write_text(report(result))
     chart(result, args.out / "soak.png")
     print(report(result))
-    return 0 if result["daemon_answered_after"] else 1
+    return 0 if result["daemon_answered_after"] and not result["clients_stuck"] else 1
 
 
 if __name__ == "__main__":

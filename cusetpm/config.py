@@ -15,14 +15,16 @@ from typing import Any
 
 from cusetpm.policy import PROFILES, NodePolicy
 from cusetpm.policy.decide import HIERARCHIES, Range
+from cusetpm.rm.quotas import NO_LIMITS, NODE_LIMIT_KEYS, NodeLimits
 from cusetpm.tpm.constants import TPM_CC
 
 NODE_KEYS = frozenset({
     "name", "fuse_mount", "mode", "user", "group", "profile", "allow", "deny",
-    "hierarchies", "min_pcr", "nv_write", "nv_define", "persistent",
+    "hierarchies", "min_pcr", "nv_write", "nv_define", "persistent", "limits",
 })
+# [limits]: RMConfig fields. max_objects/max_sessions are per space; *_per_uid over every node
 LIMIT_KEYS = frozenset({"max_objects", "max_sessions", "max_spaces", "max_spaces_per_uid",
-                        "max_sessions_per_uid"})
+                        "max_objects_per_uid", "max_sessions_per_uid"})
 TOP_KEYS = frozenset({"node", "limits", "control"})
 
 
@@ -38,6 +40,7 @@ class NodeConfig:
     user: str | None
     group: str | None
     policy: NodePolicy
+    limits: NodeLimits = NO_LIMITS  # [node.limits]: quotas of the node (rm/quotas.py)
 
     @property
     def key(self) -> str:
@@ -66,13 +69,19 @@ class _Where:
         start, end = 0, len(self.lines)
         if node is not None and node < len(self.headers):
             start = self.headers[node]
+            # up to the next table that is not one of this node's ([node.limits])
             end = next((i for i in range(start + 1, len(self.lines))
-                        if re.match(r"\s*\[", self.lines[i])), len(self.lines))
+                        if re.match(r"\s*\[", self.lines[i])
+                        and not re.match(r"\s*\[\s*node\s*\.", self.lines[i])),
+                       len(self.lines))
         elif table is not None:
             start = next((i for i, line in enumerate(self.lines)
                           if re.match(rf"\s*\[\s*{table}\s*\]", line)), 0)
         for i in range(start, end):
             if re.match(rf"\s*{re.escape(key)}\s*=", self.lines[i]):
+                return i + 1
+        for i in range(start, end):  # a key of an inline table: limits = { objects = 0 }
+            if re.search(rf"[{{,]\s*{re.escape(key)}\s*=", self.lines[i]):
                 return i + 1
         return start + 1
 
@@ -197,4 +206,16 @@ def _node(where: _Where, i: int, raw: Any) -> NodeConfig:
     )
     return NodeConfig(name=name, fuse_mount=mount, mode=mode,
                       user=_string(where, i, raw, "user"), group=_string(where, i, raw, "group"),
-                      policy=policy)
+                      policy=policy, limits=_node_limits(where, i, raw.get("limits", {})))
+
+
+def _node_limits(where: _Where, i: int, raw: Any) -> NodeLimits:
+    if not isinstance(raw, dict):
+        raise where.error("limits", "a table, like limits = { sessions_per_uid = 4 }", node=i)
+    for key, value in raw.items():
+        if key not in NODE_LIMIT_KEYS:
+            raise where.error(key, f"unknown node limit (known: "
+                              f"{', '.join(sorted(NODE_LIMIT_KEYS))})", node=i)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise where.error(key, f"a whole number of at least 1, not {value!r}", node=i)
+    return NodeLimits(**raw)

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from cusetpm.frontends.files import TpmFileOps
     from cusetpm.frontends.native import NodeSession
     from cusetpm.rm import ResourceManager, RMConfig
+    from cusetpm.rm.quotas import NodeLimits
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class Plan:
     spec: NodeSpec
     policy: NodePolicy | None = None  # None: everything allowed (--policy full)
     node: str = ""  # the node's key in a --config file (its name or mount)
+    limits: NodeLimits | None = None  # the node's quotas ([node.limits]; rm/quotas.py)
     made_mountpoint: bool = False  # we created the FUSE mount directory: remove it after
     chmod_cuse: bool = False  # --mode/--user/--group given: apply them to the CUSE node
     run_as: tuple[int, int] | None = None  # (uid, gid) to drop to
@@ -104,9 +106,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default 2)",
     )
     parser.add_argument(
-        "--residency", choices=("resident", "eager"), default="resident",
-        help="resident: contexts stay in the TPM between commands until room is needed "
-        "(default); eager: nothing stays loaded between commands",
+        "--residency", choices=("resident", "eager"), default="eager",
+        help="resident: contexts stay in the TPM between commands until room is needed; "
+        "eager: nothing stays loaded between commands (default, for now)",
     )
     parser.add_argument(
         "--keep-free-objects", type=int, metavar="N",
@@ -266,7 +268,7 @@ def sd_notify(state: str) -> bool:
 def _rm_config(args: argparse.Namespace) -> RMConfig:
     from cusetpm.rm import RMConfig
 
-    given = {
+    given: dict[str, Any] = {
         key: getattr(args, key)
         for key in ("max_objects", "max_sessions", "max_spaces")
         if getattr(args, key, None) is not None
@@ -277,15 +279,14 @@ def _rm_config(args: argparse.Namespace) -> RMConfig:
     aging = getattr(args, "aging", 2.0)
     if not aging >= 1.0:
         raise ServeError("--aging must be at least 1 (1: never later than in arrival order)")
-    keep_free: dict[str, int] = {}
     for key in ("keep_free_objects", "keep_free_sessions"):
         value = getattr(args, key, None)
         if value is not None:
             if value < 0:
                 raise ServeError(f"--{key.replace('_', '-')} must be at least 0")
-            keep_free[key] = value
-    return RMConfig(**given, **keep_free, schedule=getattr(args, "schedule", "fair"),
-                    aging=aging, residency=getattr(args, "residency", "resident"))
+            given[key] = value
+    return RMConfig(**given, schedule=getattr(args, "schedule", "fair"), aging=aging,
+                    residency=getattr(args, "residency", "eager"))
 
 
 def _apply_cuse_mode(spec: NodeSpec) -> None:
@@ -364,7 +365,7 @@ def plan_nodes(args: argparse.Namespace) -> tuple[list[Plan], RMConfig]:
             plan = plan_node(one)
             plan.run_as = None  # a node's user owns it; the daemon stays root for all nodes
             plan.chmod_cuse = plan.chmod_cuse or plan.spec.cuse_name is not None
-            plan.policy, plan.node = node.policy, node.key
+            plan.policy, plan.node, plan.limits = node.policy, node.key, node.limits
             plans.append(plan)
     except ServeError as e:
         for plan in plans:
@@ -440,6 +441,7 @@ def _serve_backend(
     control = _start_control(args, rm)
     try:
         for plan in plans:
+            rm.set_node_limits(plan.node, plan.limits)
             ops = TpmFileOps(rm, NativeReplies(), node=plan.node, policy=plan.policy)
             session = NodeSession(ops, plan.spec, debug=args.fuse_debug)
             try:
@@ -506,8 +508,9 @@ def _start_control(args: argparse.Namespace, rm: ResourceManager) -> ControlServ
 
 
 def _reload(args: argparse.Namespace, served: list[_Served], rm: ResourceManager) -> None:
-    """SIGHUP: new policies for the nodes served. Nodes added or removed need a restart;
-    RM limits are read at start and also need one. An invalid file changes nothing."""
+    """SIGHUP: new policies and [node.limits] for the nodes served. Nodes added or removed
+    need a restart; the daemon's [limits] are read at start and also need one. An invalid
+    file changes nothing."""
     if not getattr(args, "config", None):
         log.info("SIGHUP: no --config file to re-read")
         return
@@ -529,6 +532,11 @@ def _reload(args: argparse.Namespace, served: list[_Served], rm: ResourceManager
             count = rm.set_node_policy(one.plan.node, node.policy)
             log.info("SIGHUP: node %s: policy changed (profile %s -> %s), %d open spaces follow",
                      one.plan.node, old, node.policy.profile, count)
+        if node.limits != one.plan.limits:
+            log.info("SIGHUP: node %s: limits changed (%s -> %s); what is held stays",
+                     one.plan.node, one.plan.limits, node.limits)
+            one.plan.limits = node.limits
+            rm.set_node_limits(one.plan.node, node.limits)
     for key in by_key:
         log.warning("SIGHUP: node %s is new in %s: adding a node needs a restart",
                     key, args.config)

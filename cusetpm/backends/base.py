@@ -51,6 +51,9 @@ class Backend(abc.ABC):
     """One TPM. Called from one worker thread at a time, except cancel()."""
 
     name: str
+    # Others may use the same TPM (a kernel /dev/tpmN: its /dev/tpmrmN spaces, trusted keys):
+    # the RM leaves slots free for them between commands (--keep-free-*).
+    shared: bool = False
     # Whether transmit may reconnect a transport it found dropped, by itself. The RM turns
     # this off (rm/backendstate.py): after a reconnect it must first ask the TPM whether it
     # restarted, so it reconnects through reopen() only.

@@ -23,6 +23,8 @@ _READ_SIZE = 65536
 class DeviceBackend(Backend):
     """A TPM reached through read/write on a device node."""
 
+    shared = True  # the kernel and its /dev/tpmrmN users share the chip
+
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         self.name = f"device:{self.path}"

@@ -88,8 +88,11 @@ def _table(rows: list[list[str]], header: list[str]) -> list[str]:
 def format_text(status: dict) -> str:
     """Aligned text tables: nodes and their spaces, the TPM, counters, per-command figures."""
     out: list[str] = []
+    limits = status.get("node_limits", {})
     for node, spaces in sorted(status["nodes"].items()):
-        out.append(f"node {node or '-'}: {len(spaces)} open")
+        quota = ", ".join(f"{k} {v}" for k, v in sorted(limits.get(node, {}).items()))
+        out.append(f"node {node or '-'}: {len(spaces)} open"
+                   + (f" (limits: {quota})" if quota else ""))
         rows = [[s["space"], s["pid"], s["uid"], f"{s['age']:.1f}s", s["commands"], s["objects"],
                  s["sessions"], s["last_command"] or "-", s["last_rc"] or "-"] for s in spaces]
         out += ["  " + line for line in _table(
@@ -97,7 +100,13 @@ def format_text(status: dict) -> str:
                    "rc"])]
     tpm = status["tpm"]
     out.append(f"tpm {tpm['backend']}: sessions {tpm['sessions_active']} of "
-               f"{tpm['sessions_max']}, context-gap window {tpm['context_gap_window']}")
+               f"{tpm['sessions_max']}, context-gap window {tpm['context_gap_window']} "
+               f"({tpm['context_gap_left']} saves left)")
+    slots = tpm["slots"]
+    out.append(f"  slots: sessions {slots['sessions_loaded']} loaded, "
+               f"{slots['sessions_saved']} saved, {slots['sessions_free']} free; "
+               f"objects {slots['objects_resident']} resident of {slots['objects_max']}, "
+               f"{slots['objects_free']} free")
     c = status["counters"]
     out.append(f"since start ({status['uptime']:.0f}s): {c['commands']} commands, "
                f"{c['round_trips']} TPM round trips, {c['evictions']} evictions, "

@@ -3,9 +3,14 @@
 Checks, in order:
 1. the command code's rule in the node's profile (with the config's allow/deny on top);
    a code the profile does not name is allowed only by `full`;
-2. every hierarchy in the handle area (the entities the authorization area authorizes) must
-   be one of the node's hierarchies; this also covers a session authorizing a refused
-   hierarchy (PolicySecret, NV_Read by owner, ...);
+2. the permanent handles (TPM_RH_...) of the handle area and of the authorization area. The
+   n-th session of the authorization area authorizes the n-th handle (Part 1, 19.4: handles
+   needing authorization come first), so a password, HMAC or policy session authorizing
+   TPM_RH_PLATFORM or TPM_RH_LOCKOUT in an otherwise allowed command (NV_Read, PolicySecret,
+   NV_Write by platform, ...) is refused here, as is a hierarchy named without authorization
+   (StartAuthSession bound to it). On a node whose hierarchies are narrowed this is an
+   allow-list: besides its hierarchies only TPM_RH_NULL passes, so the firmware- and
+   SVN-limited hierarchies, ACT and vendor authorization handles are refused too;
 3. for Rule.CHECK codes, the handle that matters: PCR index, NV index, persistent handle.
 """
 
@@ -26,6 +31,8 @@ HIERARCHIES: dict[str, int] = {
     "platform_nv": TPM_RH.PLATFORM_NV,
 }
 _HIERARCHY_NAMES = {v: k for k, v in HIERARCHIES.items()}
+ALL_HIERARCHIES = frozenset(HIERARCHIES.values())
+PERMANENT_HT = 0x40  # TPM_HT_PERMANENT: the top byte of every TPM_RH_... handle
 
 Range = tuple[int, int]  # inclusive
 ALL_NV: Range = (0x01000000, 0x01FFFFFF)
@@ -136,6 +143,44 @@ def _load_external_hierarchy(parameters: bytes) -> int | None:
     return _u32_at(parameters, 2 + n + 2 + m)
 
 
+def _permanent_name(handle: int) -> str:
+    name = _HIERARCHY_NAMES.get(handle)
+    return f"hierarchy {name}" if name else f"permanent handle 0x{handle:08x}"
+
+
+def _permanent_allowed(policy: NodePolicy, handle: int) -> bool:
+    if handle in policy.hierarchies or handle == TPM_RH.NULL:
+        return True
+    # every hierarchy allowed (full): other permanent handles are the TPM's business
+    return policy.hierarchies == ALL_HIERARCHIES and handle not in _HIERARCHY_NAMES
+
+
+def _session_kind(handle: int) -> str:
+    if handle == TPM_RH.PW:
+        return "password session"
+    return {0x02: "HMAC session", 0x03: "policy session"}.get(handle >> 24, "session")
+
+
+def _authorization_check(policy: NodePolicy, cmd: Command) -> Decision:
+    """Permanent handles in the handle area, and what each session of the auth area authorizes."""
+    for i, handle in enumerate(cmd.handles):
+        if handle >> 24 != PERMANENT_HT or _permanent_allowed(policy, handle):
+            continue
+        if i < len(cmd.sessions):
+            kind = _session_kind(cmd.sessions[i].sessionHandle)
+            return Decision(False, f"session {i + 1} ({kind}) authorizes "
+                                   f"{_permanent_name(handle)}, not allowed here")
+        return Decision(False, f"handle {i + 1} names {_permanent_name(handle)}, "
+                               "not allowed here")
+    for i, session in enumerate(cmd.sessions):
+        handle = session.sessionHandle
+        if (handle >> 24 == PERMANENT_HT and handle != TPM_RH.PW
+                and not _permanent_allowed(policy, handle)):
+            return Decision(False, f"session {i + 1} of the authorization area is "
+                                   f"{_permanent_name(handle)}, not allowed here")
+    return ALLOW
+
+
 def _handle_check(policy: NodePolicy, cmd: Command) -> Decision:
     code, h = cmd.commandCode, cmd.handles
     if code in PCR_CODES and h:
@@ -168,8 +213,9 @@ def _handle_check(policy: NodePolicy, cmd: Command) -> Decision:
             return Decision(False, f"persistent handle {shown} is outside this node's ranges")
     elif code == TPM_CC.LoadExternal:
         hierarchy = _load_external_hierarchy(cmd.parameters)
-        if hierarchy in _HIERARCHY_NAMES and hierarchy not in policy.hierarchies:
-            return Decision(False, f"hierarchy {_HIERARCHY_NAMES[hierarchy]} is not allowed here")
+        if (hierarchy is not None and hierarchy >> 24 == PERMANENT_HT
+                and not _permanent_allowed(policy, hierarchy)):
+            return Decision(False, f"{_permanent_name(hierarchy)} is not allowed here")
     return ALLOW
 
 
@@ -179,10 +225,9 @@ def decide(policy: NodePolicy, cmd: Command) -> Decision:
     rule, reason = policy.rules.get(code, (policy.unnamed, "not named by the profile"))
     if rule is Rule.DENY:
         return Decision(False, f"{_name(code)} denied by profile {policy.profile}: {reason}")
-    for handle in cmd.handles:
-        if handle in _HIERARCHY_NAMES and handle not in policy.hierarchies:
-            return Decision(
-                False, f"{_name(code)}: hierarchy {_HIERARCHY_NAMES[handle]} is not allowed here")
+    verdict = _authorization_check(policy, cmd)
+    if not verdict.allowed:
+        return Decision(False, f"{_name(code)}: {verdict.reason}")
     if rule is Rule.CHECK:
         verdict = _handle_check(policy, cmd)
         if not verdict.allowed:

@@ -127,9 +127,9 @@ class BackendState:
     def close_offline(self, space: Space) -> None:
         """Close a space without the TPM (down, or failing at close): only the RM's tables.
 
-        Objects are only saved contexts, so nothing is left of them. Its sessions may still be
-        in the TPM if it comes back without a restart: they become orphans, flushed at the
-        next reconcile (or forgotten at a restart).
+        Its objects are forgotten; resident ones are flushed at the next reconcile. Its
+        sessions may still be in the TPM if it comes back without a restart: they become
+        orphans, flushed at the next reconcile (or forgotten at a restart).
         """
         executor = self.rm._executor
         assert executor is not None
@@ -140,8 +140,8 @@ class BackendState:
             saved = executor.sessions.get(handle)
             if saved is not None:
                 executor.sessions.abandon(saved)
-        space.objects.clear()
-        space.evicted.clear()
+        executor.residency.forget_space(space)  # resident ones: reconcile flushes them
+        space.revoked.clear()
         executor.reconcile_needed = True
         log.info("space %d closed while the TPM backend is unreachable", space.id)
 

@@ -33,7 +33,9 @@ from cusetpm.rm.config import RMConfig
 from cusetpm.rm.counters import Counters
 from cusetpm.rm.errors import RMError
 from cusetpm.rm.execute import Executor, SessionsExhausted
+from cusetpm.rm.quotas import NodeLimits, Quotas
 from cusetpm.rm.regap import Regapper
+from cusetpm.rm.residency import Capacity, Residency
 from cusetpm.rm.scheduler import Scheduler
 from cusetpm.rm.sessions import SessionTable
 from cusetpm.rm.space import Space
@@ -53,6 +55,7 @@ READ_PROPERTIES = (
     TPM_PT.CONTEXT_GAP_MAX,
     TPM_PT.MAX_CAP_BUFFER,
     TPM_PT.HR_TRANSIENT_AVAIL,
+    TPM_PT.HR_LOADED_AVAIL,
 )
 
 
@@ -119,7 +122,9 @@ class ResourceManager:
         self.wait_stats = WaitStats()
         self.counters = Counters()  # for `cusetpm status` (rm/status.py)
         self.regapper: Regapper | None = None
+        self.residency: Residency | None = None
         self.scheduler = Scheduler(self.config.schedule == "fair", self.config.aging)
+        self.quotas = Quotas(self.config)  # per uid and per node (rm/quotas.py)
         self.backend_state = BackendState(self, self._rm_work)  # backend lost and back
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -132,14 +137,20 @@ class ResourceManager:
             TPM_PT.CONTEXT_GAP_MAX, 0xFFFF
         )
         self.regapper = Regapper(self.link, self.sessions, window)
+        self.residency = Residency(
+            self.link, self.sessions, self.regapper, self._capacity(),
+            eager=self.config.residency == "eager",
+        )
         self._executor = Executor(
             self.link,
             table,
             self.sessions,
             self.config,
             self.regapper,
+            self.residency,
             active_sessions_max=self.properties.get(TPM_PT.ACTIVE_SESSIONS_MAX, 64),
         )
+        self._executor.quotas = self.quotas
         self._executor.baseline = {
             handle
             for kind in (TPM_HT.TRANSIENT, TPM_HT.HMAC_SESSION, TPM_HT.POLICY_SESSION)
@@ -158,6 +169,23 @@ class ResourceManager:
         self.backend_state.start()
         self._thread = threading.Thread(target=self._work, name="cusetpm-tpm", daemon=True)
         self._thread.start()
+
+    def _capacity(self) -> Capacity:
+        """The TPM's free slots now (nothing of ours is loaded), less the headroom: on a TPM
+        the kernel uses too, one object and one session slot are left for it by default."""
+        shared = getattr(self.backend, "shared", False)
+        default_free = 1 if shared else 0
+        config = self.config
+        return Capacity(
+            objects=self.properties.get(TPM_PT.HR_TRANSIENT_AVAIL, 3),
+            sessions=self.properties.get(TPM_PT.HR_LOADED_AVAIL, 3),
+            keep_free_objects=(
+                default_free if config.keep_free_objects is None else config.keep_free_objects
+            ),
+            keep_free_sessions=(
+                default_free if config.keep_free_sessions is None else config.keep_free_sessions
+            ),
+        )
 
     def stop(self) -> None:
         """Finish what is queued, close every space (flushing it), stop the worker."""
@@ -184,11 +212,10 @@ class ResourceManager:
             self.backend_state.check_open()
             if len(self._spaces) >= self.config.max_spaces:
                 raise RMError(errno.ENFILE, f"{self.config.max_spaces} open spaces is the limit")
-            per_uid = self.config.max_spaces_per_uid
-            if per_uid is not None and self._per_uid[uid] >= per_uid:
-                raise RMError(errno.EMFILE, f"uid {uid} has {per_uid} open spaces, the limit")
+            self.quotas.check_open(uid, node)  # per uid, per node (rm/quotas.py)
             space = Space(uid=uid, pid=pid, node=node, policy=policy)
             self._spaces.add(space)
+            self.quotas.opened(space)
             self._per_uid[uid] += 1
         log.debug("space %d opened (uid %d)", space.id, uid)
         return space
@@ -264,6 +291,10 @@ class ResourceManager:
             for job in dropped:
                 if job in self._handed:
                     self._handed.remove(job)
+                    # The session it was handed is free again: the next waiter's, now (not
+                    # at the next eviction or refusal time).
+                    self._next_service = 0.0
+                    self._cv.notify_all()
                 else:
                     self._queue.remove(job)
                     self.scheduler.removed(job)
@@ -312,6 +343,12 @@ class ResourceManager:
                 space.policy = policy
                 space.policy_logged.clear()
         return len(spaces)
+
+    def set_node_limits(self, node: str, limits: NodeLimits | None) -> None:
+        """A node's quotas (config [node.limits]; SIGHUP replaces them). Checked at the next
+        open or command: what is already held is never taken away."""
+        with self._cv:
+            self.quotas.set_node_limits(node, limits)
 
     @property
     def open_spaces(self) -> int:
@@ -548,6 +585,7 @@ class ResourceManager:
         refusals.report_at_close(space)
         with self._cv:
             self._spaces.discard(space)
+            self.quotas.closed(space)
             self._per_uid[space.uid] -= 1
             if self._per_uid[space.uid] <= 0:
                 del self._per_uid[space.uid]

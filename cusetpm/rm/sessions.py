@@ -66,7 +66,7 @@ class SessionTable:
         entry = SessionEntry(handle=handle, owner=owner)
         self._entries[handle] = entry
         owner.sessions.add(handle)
-        owner.evicted.discard(handle)  # the TPM reused the number: it is this space's again
+        owner.revoked.discard(handle)  # the TPM reused the number: it is this space's again
         return entry
 
     def get(self, handle: int) -> SessionEntry | None:
@@ -108,6 +108,10 @@ class SessionTable:
         entry.last_used = time.monotonic()
         self._saved_order.pop(entry.handle, None)
 
+    def touch(self, entry: SessionEntry) -> None:
+        """A command used it (residency's least-recently-used order)."""
+        entry.last_used = time.monotonic()
+
     def oldest_saved(self) -> SessionEntry | None:
         for handle in self._saved_order:
             return self._entries[handle]
@@ -144,7 +148,7 @@ class SessionTable:
         entry.owner = space
         entry.last_used = time.monotonic()
         space.sessions.add(entry.handle)
-        space.evicted.discard(entry.handle)
+        space.revoked.discard(entry.handle)
 
     def abandon(self, entry: SessionEntry) -> None:
         """Its saving space closed: the session waits for someone holding the token."""

@@ -81,7 +81,7 @@ def test_user_node_refuses_administration_full_node_sees_no_change(two_nodes, tm
     }
     for what, argv in refused.items():
         out = tool(*argv, tcti=user)
-        assert out.returncode != 0, what
+        assert out.returncode == 1, (what, out.returncode)
         assert REFUSED in out.stderr.lower(), (what, out.stderr)
     assert tool("tpm2_pcrread", "sha256:0", tcti=full).stdout == pcrs_before.stdout
     nv = tool("tpm2_nvreadpublic", tcti=full)
@@ -143,11 +143,17 @@ def test_status_while_clients_run(tmp_path: Path) -> None:
             assert status["per_command"]["GetRandom"]["count"] >= 2
             assert status["counters"]["round_trips"] >= status["counters"]["commands"] - 1
             assert status["tpm"]["sessions_max"] > 0
+            slots = status["tpm"]["slots"]
+            assert slots["sessions_loaded"] == slots["sessions_saved"] == 0  # none held
+            assert slots["sessions_free"] == status["tpm"]["sessions_max"]
+            assert slots["objects_resident"] == 0 and slots["objects_free"] > 0
+            assert status["tpm"]["context_gap_left"] == status["tpm"]["context_gap_window"]
             text = subprocess.run(
                 [sys.executable, "-m", "cusetpm", "status", "--control", str(control)],
                 capture_output=True, text=True, timeout=60, check=True).stdout
             assert f"node {user}/tpmrm0: 1 open" in text
             assert "GetRandom" in text and "refused on" in text
+            assert "saves left)" in text and "  slots: sessions 0 loaded, 0 saved" in text
             header = next(line for line in text.splitlines() if line.startswith("command"))
             assert header.split() == ["command", "count", "p50", "us", "p99", "us"]
         finally:
@@ -156,3 +162,55 @@ def test_status_while_clients_run(tmp_path: Path) -> None:
         d.stop()
         lazy_unmount(user)
     assert not control.exists()
+
+
+START_SESSION = bytes.fromhex(  # StartAuthSession: unbound, unsalted HMAC, no symmetric, SHA-256
+    "8001" "0000002b" "00000176" "40000007" "40000007" "0010" + "01" * 16 + "0000" "00" "0010"
+    "000b")
+
+
+def test_node_session_quota_and_sighup_raises_it(tmp_path: Path) -> None:
+    """[node.limits] sessions_per_uid through the node: over it, StartAuthSession gets
+    0x000B0903 and the TPM is not asked; SIGHUP with a higher limit lets the next one in,
+    and `cusetpm status` shows the node's limits."""
+    require_fuse()
+    full, user = tmp_path / "full", tmp_path / "user"
+    config, control = tmp_path / "nodes.toml", tmp_path / "control"
+
+    def write(sessions_per_uid: int) -> None:
+        write_config(config, full, user)
+        config.write_text(f'control = "{control}"\n' + config.read_text()
+                          + f"[node.limits]\nsessions_per_uid = {sessions_per_uid}\n")
+
+    write(1)
+    d = ConfigDaemon(mount=full, state=tmp_path / "state", log_path=tmp_path / "d.log",
+                     config=config)
+    d.start()
+    try:
+        fd = os.open(f"{user}/tpmrm0", os.O_RDWR)
+        try:
+            os.write(fd, START_SESSION)
+            assert os.read(fd, 4096)[6:10] == b"\0\0\0\0"
+            os.write(fd, START_SESSION)
+            assert os.read(fd, 4096)[6:10] == bytes.fromhex("000b0903")
+            assert "holds 1 sessions on node" in d.log()
+            out = subprocess.run(
+                [sys.executable, "-m", "cusetpm", "status", "--json", "--control", str(control)],
+                capture_output=True, text=True, timeout=60, check=True)
+            assert json.loads(out.stdout)["node_limits"] == {
+                f"{user}/tpmrm0": {"sessions_per_uid": 1}}
+            write(2)
+            assert d.proc is not None
+            os.kill(d.proc.pid, signal.SIGHUP)
+            wait_for_log(d, "limits changed")
+            os.write(fd, START_SESSION)
+            assert os.read(fd, 4096)[6:10] == b"\0\0\0\0"
+            text = subprocess.run(
+                [sys.executable, "-m", "cusetpm", "status", "--control", str(control)],
+                capture_output=True, text=True, timeout=60, check=True).stdout
+            assert f"node {user}/tpmrm0: 1 open (limits: sessions_per_uid 2)" in text
+        finally:
+            os.close(fd)
+    finally:
+        d.stop()
+        lazy_unmount(user)

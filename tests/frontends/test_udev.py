@@ -92,6 +92,10 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
 def test_systemd_unit_essentials() -> None:
     text = UNIT.read_text()
     for line in ("Type=notify", "DeviceAllow=/dev/cuse rw", "DevicePolicy=closed",
-                 "KillSignal=SIGTERM", "StateDirectory=cusetpm"):
+                 "KillSignal=SIGTERM", "StateDirectory=cusetpm", "RuntimeDirectory=cusetpm",
+                 "RuntimeDirectoryMode=0700", "ExecReload=/bin/kill -HUP $MAINPID"):
         assert line in text.splitlines(), line
     assert "ExecStart=@BINDIR@/cusetpm serve" in text
+    # `cusetpm status`'s default socket, in the unit's RuntimeDirectory
+    exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
+    assert "--control /run/cusetpm/control" in exec_start

@@ -63,3 +63,34 @@ def test_errors_name_file_line_and_key(tmp_path: Path, text: str, message: str) 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="No such file"):
         load(tmp_path / "none.toml")
+
+
+def test_node_limits(tmp_path: Path) -> None:
+    from cusetpm.rm.quotas import NO_LIMITS, NodeLimits
+
+    f = tmp_path / "c.toml"
+    f.write_text('[limits]\nmax_objects_per_uid = 8\n\n'
+                 '[[node]]\nname = "a"\nlimits = { sessions_per_uid = 4 }\n\n'
+                 '[[node]]\nname = "b"\nprofile = "user"\n\n[node.limits]\nspaces = 16\n'
+                 'objects = 32\n\n[[node]]\nname = "c"\n')
+    config = load(f)
+    assert config.limits == {"max_objects_per_uid": 8}
+    assert [n.limits for n in config.nodes] == [
+        NodeLimits(sessions_per_uid=4), NodeLimits(spaces=16, objects=32), NO_LIMITS]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[[node]]\nname = "a"\n[node.limits]\nspaces = 1\nsessoins = 2\n',
+         ":5: sessoins: unknown node limit"),
+        ('[[node]]\nname = "a"\nlimits = { objects = 0 }\n',
+         ":3: objects: a whole number of at least 1"),
+        ('[[node]]\nname = "a"\nlimits = 3\n', ":3: limits: a table"),
+    ],
+)
+def test_node_limit_errors(tmp_path: Path, text: str, message: str) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load(f)

@@ -114,3 +114,61 @@ def test_unknown_profile() -> None:
         NodePolicy.from_profile("admin")
 
 
+
+
+def with_sessions(code: int, handles: list[int], *sessions: int) -> Command:
+    from cusetpm.tpm.command import AuthCommand
+    return Command(tag=TPM_ST.SESSIONS, commandCode=code, handles=handles,
+                   sessions=[AuthCommand(h) for h in sessions])
+
+
+POLICY_SESSION, HMAC_SESSION = 0x03000000, 0x02000001
+
+
+@pytest.mark.parametrize(
+    ("command", "reason"),
+    [
+        (with_sessions(TPM_CC.NV_Read, [TPM_RH.PLATFORM, 0x01800001], TPM_RH.PW),
+         "session 1 (password session) authorizes hierarchy platform"),
+        (with_sessions(TPM_CC.NV_Read, [TPM_RH.LOCKOUT, 0x01800001], POLICY_SESSION),
+         "session 1 (policy session) authorizes hierarchy lockout"),
+        (with_sessions(TPM_CC.NV_Certify, [0x80000001, TPM_RH.PLATFORM, 0x01800001],
+                       TPM_RH.PW, HMAC_SESSION),
+         "session 2 (HMAC session) authorizes hierarchy platform"),
+        (with_sessions(TPM_CC.StartAuthSession, [TPM_RH.NULL, TPM_RH.PLATFORM]),
+         "handle 2 names hierarchy platform"),
+        (with_sessions(TPM_CC.CreatePrimary, [0x40000142], TPM_RH.PW),  # TPM_RH_FW_PLATFORM
+         "authorizes permanent handle 0x40000142"),
+        (with_sessions(TPM_CC.Sign, [0x80000001], TPM_RH.PLATFORM),  # not a session at all
+         "session 1 of the authorization area is hierarchy platform"),
+    ],
+)
+def test_auth_area_on_user(command: Command, reason: str) -> None:
+    decision = decide(USER, command)
+    assert not decision.allowed and reason in decision.reason, decision.reason
+    assert decide(FULL, command).allowed  # full: the TPM decides
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        with_sessions(TPM_CC.NV_Read, [TPM_RH.OWNER, 0x01800001], POLICY_SESSION),
+        with_sessions(TPM_CC.NV_Read, [0x01800001, 0x01800001], TPM_RH.PW),
+        with_sessions(TPM_CC.StartAuthSession, [TPM_RH.NULL, TPM_RH.NULL]),
+        with_sessions(TPM_CC.CreatePrimary, [TPM_RH.NULL], TPM_RH.PW),
+        with_sessions(TPM_CC.Sign, [0x80000001], HMAC_SESSION, POLICY_SESSION),
+    ],
+)
+def test_auth_area_allowed_on_user(command: Command) -> None:
+    assert decide(USER, command).allowed
+
+
+def test_narrowed_full_node_is_an_allow_list_of_permanent_handles() -> None:
+    """A `full` node whose config names its hierarchies refuses other permanent handles."""
+    owner_only = NodePolicy.from_profile("full", hierarchies=("owner",))
+    owner = with_sessions(TPM_CC.CreatePrimary, [TPM_RH.OWNER], TPM_RH.PW)
+    assert decide(owner_only, owner).allowed
+    for handle in (TPM_RH.ENDORSEMENT, 0x40000140, 0x40010000, 0x40000110):
+        command = with_sessions(TPM_CC.CreatePrimary, [handle], TPM_RH.PW)
+        assert not decide(owner_only, command).allowed, hex(handle)
+        assert decide(FULL, command).allowed

@@ -165,3 +165,97 @@ def test_fuzz_user_node_backend_never_sees_a_denied_command(nodes, data) -> None
 def test_fuzz_pass_exercised_denials() -> None:
     """Runs after the fuzz pass in file order: it met many denied codes (derandomized)."""
     assert len(DENIED_SEEN) >= 20, sorted(DENIED_SEEN)
+
+
+# -- the authorization area: a session authorizing a refused hierarchy -----------------------
+
+NV_INDEX = 0x01800010
+TPMA_NV_OWNER_AUTH_RW = 0x00060006  # OWNERWRITE|AUTHWRITE|OWNERREAD|AUTHREAD
+FW_PLATFORM = 0x40000142  # TPM_RH_FW_PLATFORM (Part 2, 1.83): the firmware-limited platform
+
+
+def nv_define(index: int) -> bytes:
+    public = struct.pack(">IHIHH", index, SHA256, TPMA_NV_OWNER_AUTH_RW, 0, 8)
+    params = struct.pack(">H", 0) + struct.pack(">H", len(public)) + public
+    return raw_command(TPM_CC.NV_DefineSpace, [TPM_RH.OWNER], params, pw_session())
+
+
+def nv_write(auth: int, index: int, data: bytes) -> bytes:
+    params = struct.pack(">H", len(data)) + data + struct.pack(">H", 0)
+    return raw_command(TPM_CC.NV_Write, [auth, index], params, pw_session())
+
+
+def nv_read(auth: int, index: int, sessions: list | None = None) -> bytes:
+    return raw_command(TPM_CC.NV_Read, [auth, index], struct.pack(">HH", 8, 0),
+                       sessions or pw_session())
+
+
+def session_auth(handle: int) -> list:
+    from tpm2_pytss.constants import TPMA_SESSION
+
+    from cusetpm.tpm.command import AuthCommand
+    return [AuthCommand(handle, b"", int(TPMA_SESSION.CONTINUESESSION), b"")]
+
+
+def bind_to(hierarchy: int) -> bytes:
+    nonce = struct.pack(">H", 16) + b"\x02" * 16
+    params = nonce + b"\0\0" + struct.pack(">BHH", 0x00, 0x0010, SHA256)
+    return raw_command(TPM_CC.StartAuthSession, [TPM_RH.NULL, hierarchy], params)
+
+
+@pytest.fixture
+def nv_nodes(nodes):  # type: ignore[no-untyped-def]
+    """`nodes`, with an owner NV index defined and written through the full space."""
+    rm, backend, user, full = nodes
+    assert rc_of(full.send(nv_define(NV_INDEX))) == 0
+    assert rc_of(full.send(nv_write(TPM_RH.OWNER, NV_INDEX, b"12345678"))) == 0
+    return rm, backend, user, full
+
+
+def test_auth_area_authorizing_a_refused_hierarchy_never_reaches_the_tpm(nv_nodes) -> None:
+    """Commands the user profile allows (NV_Read, NV_Write, PolicySecret, StartAuthSession,
+    CreatePrimary), with a session authorizing platform or lockout: refused, nothing sent;
+    the same commands authorized by owner reach the TPM."""
+    rm, backend, user, full = nv_nodes
+    policy_session = user.start_session(session_type=0x01)  # TPM_SE_POLICY
+    refused = {
+        "NV_Read, password session authorizing platform": nv_read(TPM_RH.PLATFORM, NV_INDEX),
+        "NV_Read, policy session authorizing lockout": nv_read(
+            TPM_RH.LOCKOUT, NV_INDEX, session_auth(policy_session)),
+        "NV_Write, password session authorizing platform": nv_write(
+            TPM_RH.PLATFORM, NV_INDEX, b"87654321"),
+        "PolicySecret authorizing platform": raw_command(
+            TPM_CC.PolicySecret, [TPM_RH.PLATFORM, policy_session], b"\0" * 14, pw_session()),
+        "StartAuthSession bound to lockout": bind_to(TPM_RH.LOCKOUT),
+        "CreatePrimary under the firmware-limited platform hierarchy": raw_command(
+            TPM_CC.CreatePrimary, [FW_PLATFORM], b"\0" * 12, pw_session()),
+    }
+    for what, command in refused.items():
+        sent_before = len(backend.log)
+        assert rc_of(user.send(command)) == REFUSED, what
+        assert len(backend.log) == sent_before, f"{what} reached the TPM"
+    reasons = " | ".join(reason for (node, reason) in rm._executor.policy_refusals)
+    assert "session 1 (password session) authorizes hierarchy platform" in reasons
+    assert "session 1 (policy session) authorizes hierarchy lockout" in reasons
+    assert "handle 2 names hierarchy lockout" in reasons  # StartAuthSession's bind
+    # the index is unchanged, and the user's policy session still works
+    read = full.send(nv_read(TPM_RH.OWNER, NV_INDEX))
+    assert rc_of(read) == 0 and b"\x00\x0812345678" in read
+    get_digest = raw_command(TPM_CC.PolicyGetDigest, [policy_session])
+    assert rc_of(user.send(get_digest)) == 0
+    # authorized by owner, the same commands are the TPM's business
+    sent_before = len(backend.log)
+    assert rc_of(user.send(nv_read(TPM_RH.OWNER, NV_INDEX))) == 0
+    assert len(backend.log) > sent_before
+    assert rc_of(user.send(bind_to(TPM_RH.OWNER))) == 0
+
+
+def test_full_node_sends_the_same_commands(nv_nodes) -> None:
+    """Platform authorization is not refused by a full node: the TPM answers (libtpms:
+    the platform may not read an index without TPMA_NV_PPREAD)."""
+    rm, backend, _user, full = nv_nodes
+    sent_before = len(backend.log)
+    response = full.send(nv_read(TPM_RH.PLATFORM, NV_INDEX))
+    assert rc_of(response) not in (0, REFUSED)
+    assert TPM_CC.NV_Read in [s.code for s in backend.log[sent_before:]]
+    assert not rm._executor.policy_refusals

@@ -151,6 +151,7 @@ class ResourceManager:
             active_sessions_max=self.properties.get(TPM_PT.ACTIVE_SESSIONS_MAX, 64),
         )
         self._executor.quotas = self.quotas
+        self.scheduler.known = table.__contains__  # durations only for the TPM's codes
         self._executor.baseline = {
             handle
             for kind in (TPM_HT.TRANSIENT, TPM_HT.HMAC_SESSION, TPM_HT.POLICY_SESSION)
@@ -557,6 +558,8 @@ class ResourceManager:
             refusals.warn(space, "%s refused: %s", command_name(command), exc)
             raise
         code = int.from_bytes(command[6:10], "big") if len(command) >= 10 else -1
+        if code not in self._executor.table:
+            code = -1  # codes the TPM does not know share one entry: no state per hostile code
         self.counters.command(code, time.perf_counter() - started)
         space.commands += 1
         space.last_command, space.last_rc = code, int.from_bytes(response[6:10], "big")

@@ -121,7 +121,7 @@ class Executor:
                 self.reconcile()
             return self.answer_locally(space, req) or self.run(space, req, command, queue_behind)
         except BackendError as exc:
-            self.residency.abandon()
+            self.orphans.update(self.residency.abandon())
             self.after_transport_failure()
             raise RMError(errno.EIO, f"TPM backend failed: {exc}") from exc
 
@@ -361,7 +361,7 @@ class Executor:
                     raise SessionsExhausted()  # someone outside the RM holds sessions too
                 response = self.commit(space, req, response)
         except BackendError:
-            residency.abandon()
+            self.orphans.update(residency.abandon())
             raise
         except BaseException:
             residency.finish(report=False)

@@ -103,6 +103,8 @@ class _Command:
     objects: set[ObjectKey] = field(default_factory=set)
     sessions: set[int] = field(default_factory=set)
     failures: list[RMError] = field(default_factory=list)
+    created: list[ObjectKey] = field(default_factory=list)  # its new object, if any
+    started: list[int] = field(default_factory=list)  # its new session, if any
 
 
 class Residency:
@@ -259,6 +261,7 @@ class Residency:
         self._objects[(space, vhandle)] = None
         if self._running is not None:
             self._running.objects.add((space, vhandle))
+            self._running.created.append((space, vhandle))
         return vhandle
 
     def adopt_session(self, space: Space, handle: int) -> None:
@@ -266,6 +269,7 @@ class Residency:
         self.sessions.add(handle, space)
         if self._running is not None:
             self._running.sessions.add(handle)
+            self._running.started.append(handle)
         if self.eager:
             # A new session that cannot be saved is flushed now: the client must not be told it
             # has one whose first use would fail.
@@ -280,22 +284,39 @@ class Residency:
         """The TPM ended the session (no continueSession, or flushed): nothing to save."""
         self.sessions.forget(handle)
 
-    def abandon(self) -> None:
-        """The transport failed mid-command: unpin only; reconcile sorts out the TPM."""
-        self._running = None
+    def abandon(self) -> list[int]:
+        """The transport failed mid-command: unpin; what the command created is dropped (the
+        client got EIO, never its handle), and reconcile flushes whatever the TPM still holds
+        of it. Returns the sessions it started, for the caller to flush again (a saved one is
+        not in the TPM's list of loaded sessions, so reconcile would not see it)."""
+        running, self._running = self._running, None
+        if running is None:
+            return []
+        for space, vhandle in running.created:
+            self._objects.pop((space, vhandle), None)
+            space.drop_object(vhandle)
+        for handle in running.started:
+            self.sessions.forget(handle)
+        if running.created or running.started:
+            self.reconcile_needed = True
+        return running.started
 
     def finish(self, report: bool = True) -> None:
         """After the command (or its failure): unpin, put away what must leave the TPM, and
         raise the first failure that befell the command's own contexts (`report`)."""
         running, self._running = self._running, None
-        if self.eager:
-            for key in list(self._objects):
-                self._put_object_away(key, running)
-            for entry in self._resident_sessions():
-                self._put_session_away(entry, running)
-        else:
-            self._make_room_objects(self.capacity.keep_free_objects)
-            self._make_room_sessions(self.capacity.keep_free_sessions)
+        try:
+            if self.eager:
+                for key in list(self._objects):
+                    self._put_object_away(key, running)
+                for entry in self._resident_sessions():
+                    self._put_session_away(entry, running)
+            else:
+                self._make_room_objects(self.capacity.keep_free_objects)
+                self._make_room_sessions(self.capacity.keep_free_sessions)
+        except BackendError:
+            self._running = running  # for abandon(): the command's outcome is unknown
+            raise
         if report and running is not None and running.failures:
             raise running.failures[0]
 

@@ -18,7 +18,10 @@ SECTIONS: list[str] = [
     "bench.conformance",
     "bench.node",
     "bench.compare",
+    "bench.roundtrip",  # TPM commands per client command (bench/results/roundtrip/latest.md)
+    "bench.slowtpm",  # a fixed delay per TPM command (same file)
     "bench.scale",
     "bench.schedule",
     "bench.guest_bench",  # boots the guest kernel; skipped (and says so) with --quick
+    "bench.guest_slowtpm",  # the kernel and cusetpm on one delayed chip, in the guest (same)
 ]

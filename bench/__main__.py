@@ -89,7 +89,9 @@ def run_section(name: str, quick: bool) -> dict[str, Any]:
         # One broken section must not hide the others' numbers.
         rows, error = [], traceback.format_exc()
     return {"section": name, "title": title, "notes": getattr(module, "NOTES", ""),
-            "rows": rows, "error": error, "seconds": round(time.monotonic() - start, 2)}
+            "rows": rows, "error": error, "seconds": round(time.monotonic() - start, 2),
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": _git_commit()}
 
 
 def _section_markdown(result: dict[str, Any]) -> str:
@@ -98,7 +100,8 @@ def _section_markdown(result: dict[str, Any]) -> str:
         parts += ["", result["notes"].rstrip()]
     if result["error"]:
         parts += ["", f"section failed:\n```\n{result['error']}```"]
-    parts += ["", f"_{result['section']}: {result['seconds']:.1f} s_"]
+    when = f", run {result['date']}, commit {result['commit']}" if result.get("date") else ""
+    parts += ["", f"_{result['section']}: {result['seconds']:.1f} s{when}_"]
     return "\n".join(parts)
 
 
@@ -117,6 +120,50 @@ def report_markdown(report: dict[str, Any]) -> str:
     if report.get("chart"):
         head += ["", f"![throughput]({Path(report['chart']).name})"]
     return "\n".join(head + [""] + [_section_markdown(r) + "\n" for r in report["sections"]])
+
+
+def _own_reports(report: dict[str, Any], out: Path) -> list[Path]:
+    """Sections naming a RESULTS_FILE (e.g. roundtrip/latest.md) also get a file of their own,
+    with the date and machine. A run of some of a file's sections replaces those and keeps
+    the others from their last run (a JSON next to the file holds them); each section says
+    when it ran."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for result in report["sections"]:
+        name = getattr(importlib.import_module(result["section"]), "RESULTS_FILE", None)
+        if name:
+            groups.setdefault(name, []).append(result)
+    written = []
+    for name, results in groups.items():
+        path = out / name
+        if report["quick"]:
+            path = path.with_name(f"{path.stem}-quick{path.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = path.with_suffix(".json")
+        merged = {r["section"]: r for r in _load_sections(kept)}
+        for result in results:
+            old = merged.get(result["section"])
+            if result["error"] and not result["rows"] and old and old.get("rows"):
+                # A broken run (a qemu crash) must not wipe the last good table: keep it, say so.
+                why = result["error"].strip().splitlines()[-1]
+                old = {**old, "notes": old.get("notes", "") +
+                       f"\n- a later run ({result['date']}) failed: {why}\n"}
+                merged[result["section"]] = old
+            else:
+                merged[result["section"]] = result
+        order = {name: i for i, name in enumerate(SECTIONS)}
+        sections = sorted(merged.values(), key=lambda r: order.get(r["section"], len(order)))
+        kept.write_text(json.dumps({**report, "sections": sections}, indent=2) + "\n")
+        path.write_text(report_markdown({**report, "sections": sections, "chart": None}))
+        written.append(path)
+    return written
+
+
+def _load_sections(path: Path) -> list[dict[str, Any]]:
+    try:
+        sections: list[dict[str, Any]] = json.loads(path.read_text())["sections"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return sections
 
 
 def _chart(results: list[dict[str, Any]], out: Path, subtitle: str) -> str | None:
@@ -141,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", metavar="SECTION",
                         help="run only this section (e.g. compare); repeatable")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="output directory")
+    parser.add_argument("--tpm-delay-ms", type=float, metavar="MS",
+                        help="the slow-TPM sections' delay per TPM command (default 3)")
     args = parser.parse_args(argv)
+    if args.tpm_delay_ms is not None:
+        os.environ["CUSETPM_BENCH_TPM_DELAY_MS"] = str(args.tpm_delay_ms)
     logging.basicConfig(level=logging.WARNING)
 
     names = SECTIONS
@@ -163,14 +214,20 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     m = report["machine"]
-    report["chart"] = _chart(results, args.out, f"{report['date']}, commit {report['commit']}, "
-                             f"{m['cpu']}, {m['cores']} cores, kernel {m['kernel']}")
+    report["chart"] = None
+    if not args.only:  # a partial run leaves the full run's latest.* and chart alone
+        report["chart"] = _chart(results, args.out, f"{report['date']}, commit "
+                                 f"{report['commit']}, {m['cpu']}, {m['cores']} cores, "
+                                 f"kernel {m['kernel']}")
     text = json.dumps(report, indent=2) + "\n"
     path = args.out / f"bench-{stamp}{'-quick' if args.quick else ''}.json"
     path.write_text(text)
-    (args.out / "latest.json").write_text(text)
-    (args.out / "latest.md").write_text(report_markdown(report))
-    print(f"\nresults: {args.out / 'latest.md'}, {path}"
+    written = [path, *_own_reports(report, args.out)]
+    if not args.only:
+        (args.out / "latest.json").write_text(text)
+        (args.out / "latest.md").write_text(report_markdown(report))
+        written.insert(0, args.out / "latest.md")
+    print("\nresults: " + ", ".join(str(p) for p in written)
           + (f", {report['chart']}" if report["chart"] else "")
           + f" ({report['seconds']:.0f} s)")
     return 1 if any(r["error"] for r in results) else 0

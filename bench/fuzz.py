@@ -891,7 +891,8 @@ def run(total: int, clients: int, phase: int, seed: int,
                 if len(living) < clients:
                     procs = living + [spawn() for _ in range(clients - len(living))]
             for p in procs:
-                os.kill(p.pid, signal.SIGKILL) if p.is_alive() else None
+                with contextlib.suppress(ProcessLookupError):  # it may have ended by itself
+                    os.kill(p.pid, signal.SIGKILL)
                 p.join()
             for k, v in board_errnos(board).items():
                 refused[k] = refused.get(k, 0) + v

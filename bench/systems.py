@@ -15,6 +15,7 @@ costs a thread hop per command, so it is used only for counting passes, never fo
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import resource
@@ -234,17 +235,35 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
 
 
 class SessionBus:
-    """A private D-Bus session bus for tpm2-abrmd and its clients."""
+    """A private D-Bus session bus for tpm2-abrmd and its clients: one per process.
 
-    def __init__(self) -> None:
-        out = subprocess.run(
-            ["dbus-daemon", "--session", "--print-address=1", "--print-pid=1", "--fork"],
-            capture_output=True, text=True, check=True, timeout=30,
-        )
-        address, pid = out.stdout.split()[:2]
-        self.address, self.pid = address, int(pid)
+    The tabrmd TCTI reaches abrmd through GDBus, which keeps the process's first session-bus
+    connection: once that bus is gone, a TCTI opened against a second bus fails ("Fails to
+    connect to next lower layer"), so every section of a run shares one bus, and close()
+    leaves it running until the process exits.
+    """
+
+    _shared: SessionBus | None = None
+    address: str
+    pid: int
+
+    def __new__(cls) -> SessionBus:
+        if cls._shared is None:
+            out = subprocess.run(
+                ["dbus-daemon", "--session", "--print-address=1", "--print-pid=1", "--fork"],
+                capture_output=True, text=True, check=True, timeout=30,
+            )
+            address, pid = out.stdout.split()[:2]
+            bus = super().__new__(cls)
+            bus.address, bus.pid = address, int(pid)
+            atexit.register(bus._stop)
+            cls._shared = bus
+        return cls._shared
 
     def close(self) -> None:
+        """Kept for the callers' shape: the bus stops when the process exits."""
+
+    def _stop(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGTERM)
 
@@ -323,9 +342,10 @@ class Abrmd:
                 # The TCTI logs each failed attempt on stderr; keep that out of the report.
                 with _quiet_stderr():
                     return AbrmdClient()
-            except TSS2_Exception:
+            except TSS2_Exception as e:
                 if time.monotonic() > deadline:
-                    raise
+                    raise RuntimeError(f"tpm2-abrmd not on the bus after 30 s ({e}): "
+                                       f"{log.read_text(errors='replace')[-1000:]}") from e
                 time.sleep(0.05)
 
 

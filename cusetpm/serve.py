@@ -106,9 +106,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default 2)",
     )
     parser.add_argument(
-        "--residency", choices=("resident", "eager"), default="resident",
-        help="resident: contexts stay in the TPM between commands until room is needed "
-        "(default); eager: nothing stays loaded between commands",
+        "--residency", choices=("resident", "eager"), default="eager",
+        help="resident: contexts stay in the TPM between commands until room is needed; "
+        "eager: nothing stays loaded between commands (default, for now)",
     )
     parser.add_argument(
         "--keep-free-objects", type=int, metavar="N",
@@ -268,7 +268,7 @@ def sd_notify(state: str) -> bool:
 def _rm_config(args: argparse.Namespace) -> RMConfig:
     from cusetpm.rm import RMConfig
 
-    given = {
+    given: dict[str, Any] = {
         key: getattr(args, key)
         for key in ("max_objects", "max_sessions", "max_spaces")
         if getattr(args, key, None) is not None
@@ -279,15 +279,14 @@ def _rm_config(args: argparse.Namespace) -> RMConfig:
     aging = getattr(args, "aging", 2.0)
     if not aging >= 1.0:
         raise ServeError("--aging must be at least 1 (1: never later than in arrival order)")
-    keep_free: dict[str, Any] = {}  # Any: mypy cannot match **dict to the fields
     for key in ("keep_free_objects", "keep_free_sessions"):
         value = getattr(args, key, None)
         if value is not None:
             if value < 0:
                 raise ServeError(f"--{key.replace('_', '-')} must be at least 0")
-            keep_free[key] = value
-    return RMConfig(**given, **keep_free, schedule=getattr(args, "schedule", "fair"),
-                    aging=aging, residency=getattr(args, "residency", "resident"))
+            given[key] = value
+    return RMConfig(**given, schedule=getattr(args, "schedule", "fair"), aging=aging,
+                    residency=getattr(args, "residency", "eager"))
 
 
 def _apply_cuse_mode(spec: NodeSpec) -> None:

@@ -42,12 +42,35 @@
 #define NODE_NAME "tpmrm0"
 /* Attributes never change while mounted; one second keeps lookups cheap. */
 #define ATTR_TIMEOUT 1.0
+/* The file's size: the largest command a write takes (TPM_BUFSIZE).  Writes at position 0
+ * (FOPEN_STREAM) up to this size do not extend the file, which the kernel requires before
+ * it lets direct writes run in parallel. */
+#define NODE_SIZE 4096
+
+/* From the kernel's uapi <linux/fuse.h>; libfuse 3.14 has no fuse_file_info field for
+ * them, so the shim sets them in the OPEN reply itself (see io_writev). */
+#define CUSETPM_FOPEN_STREAM (1u << 4)
+#define CUSETPM_FOPEN_PARALLEL_DIRECT_WRITES (1u << 6)
+#define CUSETPM_PARALLEL_WRITES_MINOR 38 /* the protocol version that added the flag */
+
+/* The wire layout of an OPEN reply (struct fuse_out_header, struct fuse_open_out). */
+struct wire_out_header {
+	uint32_t len;
+	int32_t error;
+	uint64_t unique;
+};
+struct wire_open_out {
+	uint64_t fh;
+	uint32_t open_flags;
+	uint32_t padding;
+};
 
 struct cusetpm_session {
 	struct fuse_session *se;
 	void *userdata;         /* Python's handle, passed back to every callback */
 	int wake_fd;            /* eventfd: readable once the loop must stop */
 	int mounted;            /* FUSE: unmount on destroy */
+	unsigned int proto_minor; /* FUSE: the protocol minor the kernel announced in INIT */
 	unsigned int mode, uid, gid;
 };
 
@@ -75,10 +98,30 @@ static ssize_t io_read(int fd, void *buf, size_t len, void *userdata)
 	return read(fd, buf, len);
 }
 
+/* Set by file_open around its fuse_reply_open(): libfuse writes the reply on the calling
+ * thread, through io_writev, before fuse_reply_open() returns. */
+static __thread uint32_t open_reply_flags;
+
+/* A FUSE node's blocking write waits in the daemon until the TPM has answered.  Without
+ * FOPEN_PARALLEL_DIRECT_WRITES the kernel holds the inode lock all that time, so every
+ * other descriptor's write on the node waits in the kernel, unseen by the RM's scheduler
+ * and its session waiters.  libfuse 3.14 cannot ask for the flag: add it to the reply. */
 static ssize_t io_writev(int fd, struct iovec *iov, int count, void *userdata)
 {
+	const struct wire_out_header *h = iov[0].iov_base;
+	struct wire_open_out open_out;
+	struct iovec patched[2];
+
 	(void)userdata;
-	return writev(fd, iov, count);
+	if (!open_reply_flags || count != 2 || iov[0].iov_len != sizeof(*h) || h->error != 0 ||
+	    iov[1].iov_len != sizeof(open_out))
+		return writev(fd, iov, count);
+	memcpy(&open_out, iov[1].iov_base, sizeof(open_out));
+	open_out.open_flags |= open_reply_flags;
+	patched[0] = iov[0];
+	patched[1].iov_base = &open_out;
+	patched[1].iov_len = sizeof(open_out);
+	return writev(fd, patched, 2);
 }
 
 static const struct fuse_custom_io session_io = {
@@ -115,10 +158,17 @@ static void file_open(fuse_req_t req, struct fuse_file_info *fi)
 	fi->direct_io = 1;
 	fi->keep_cache = 0;
 	fi->nonseekable = 1;
+	/* FUSE only (CUSE takes no inode lock on writes), where the kernel knows the flag. */
+	if (s->mounted && s->proto_minor >= CUSETPM_PARALLEL_WRITES_MINOR)
+		open_reply_flags = CUSETPM_FOPEN_STREAM | CUSETPM_FOPEN_PARALLEL_DIRECT_WRITES;
 	/* If the opener is gone (its open was interrupted) no release will ever follow:
 	 * release the file now so its space is closed. */
-	if (fuse_reply_open(req, fi) != 0)
+	if (fuse_reply_open(req, fi) != 0) {
+		open_reply_flags = 0;
 		cusetpm_py_release(s->userdata, NULL, fi->fh);
+		return;
+	}
+	open_reply_flags = 0;
 }
 
 /* Read and write register the interrupt hook before Python sees the request: the
@@ -223,6 +273,8 @@ static void fill_attr(const struct cusetpm_session *s, fuse_ino_t ino, struct st
 		 * real driver by major:minor instead of to us. */
 		st->st_mode = S_IFREG | (s->mode & 07777);
 		st->st_nlink = 1;
+		if (s->proto_minor >= CUSETPM_PARALLEL_WRITES_MINOR)
+			st->st_size = NODE_SIZE; /* see file_open */
 		st->st_uid = s->uid;
 		st->st_gid = s->gid;
 	}
@@ -232,7 +284,7 @@ static void fs_init(void *userdata, struct fuse_conn_info *conn)
 {
 	struct cusetpm_session *s = userdata;
 
-	(void)conn;
+	s->proto_minor = conn->proto_minor;
 	cusetpm_py_ready(s->userdata);
 }
 

@@ -51,6 +51,13 @@ class Backend(abc.ABC):
     """One TPM. Called from one worker thread at a time, except cancel()."""
 
     name: str
+    # Others may use the same TPM (a kernel /dev/tpmN: its /dev/tpmrmN spaces, trusted keys):
+    # the RM leaves slots free for them between commands (--keep-free-*).
+    shared: bool = False
+    # Whether transmit may reconnect a transport it found dropped, by itself. The RM turns
+    # this off (rm/backendstate.py): after a reconnect it must first ask the TPM whether it
+    # restarted, so it reconnects through reopen() only.
+    auto_reconnect: bool = True
 
     @abc.abstractmethod
     def transmit(self, command: bytes) -> bytes:
@@ -59,6 +66,13 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def cancel(self) -> None:
         """Ask the TPM to cancel the running command. Safe from another thread."""
+
+    def reopen(self) -> None:
+        """Reconnect the transport after a failure; BackendError if the TPM is still out of
+        reach. Whether the TPM behind it restarted is the caller's question (a TPM command
+        answers it). The default has nothing to reconnect: an in-process TPM cannot go away,
+        and a wrapper's inner backend is the one to ask."""
+        return
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -23,10 +23,13 @@ _READ_SIZE = 65536
 class DeviceBackend(Backend):
     """A TPM reached through read/write on a device node."""
 
+    shared = True  # the kernel and its /dev/tpmrmN users share the chip
+
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         self.name = f"device:{self.path}"
         self._fd = -1
+        self._closed = False
         try:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY)
         except OSError as e:
@@ -34,7 +37,8 @@ class DeviceBackend(Backend):
 
     def transmit(self, command: bytes) -> bytes:
         if self._fd < 0:
-            raise BackendError(f"{self.name}: transmit on a closed backend")
+            what = "closed" if self._closed else "lost and not reopened"
+            raise BackendError(f"{self.name}: transmit on a backend {what}")
         try:
             self._write_all(command)
             return self._read_response()
@@ -66,12 +70,27 @@ class DeviceBackend(Backend):
             raise BackendError(f"{self.name}: end of file in the middle of a response")
         return chunk
 
+    def reopen(self) -> None:
+        """Close and open the node again (a vtpm-proxy chip comes back under the same name
+        when its swtpm is restarted; a hardware TPM's driver may have been reloaded)."""
+        if self._closed:
+            raise BackendError(f"{self.name}: reopen of a closed backend")
+        self._close_fd()
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY)
+        except OSError as e:
+            raise BackendError(f"{self.name}: cannot reopen: {e}") from e
+
     def cancel(self) -> None:
         # The kernel offers user space no cancel for TPM 2.0 devices (the sysfs
         # "cancel" attribute exists only for TPM 1.2); the command runs to its end.
         log.debug("%s: cancel is not supported by kernel TPM devices", self.name)
 
     def close(self) -> None:
+        self._closed = True
+        self._close_fd()
+
+    def _close_fd(self) -> None:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)

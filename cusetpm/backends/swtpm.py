@@ -62,6 +62,9 @@ _U64 = struct.Struct(">Q")
 # Long enough for the slowest RSA key generation; a TPM that says nothing for
 # this long is treated as gone.
 DEFAULT_TIMEOUT = 300.0
+# reopen() gives up on a connect after this long: the RM retries with backoff, and a
+# swtpm on this machine either accepts or refuses at once.
+REOPEN_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,8 @@ class SwtpmBackend(Backend):
     the next transmit notices before sending and reconnects once. A connection
     that breaks after a command went out is not retried (the TPM may have run the
     command; running it twice is worse than an error): that is a BackendError and
-    the following transmit reconnects.
+    the following transmit reconnects. With auto_reconnect off (the RM's choice) a
+    dropped connection is a BackendError until reopen() reconnects.
     """
 
     def __init__(
@@ -155,9 +159,10 @@ class SwtpmBackend(Backend):
 
     # --- data channel --------------------------------------------------------
 
-    def _connect(self) -> socket.socket:
+    def _connect(self, timeout: float | None = None) -> socket.socket:
         try:
-            sock = self.data.connect(self.timeout)
+            sock = self.data.connect(timeout or self.timeout)
+            sock.settimeout(self.timeout)
         except OSError as e:
             raise BackendError(f"{self.name}: cannot connect: {e}") from e
         # poll, not select: the daemon may hold more than FD_SETSIZE descriptors.
@@ -170,13 +175,24 @@ class SwtpmBackend(Backend):
         """The data socket, reconnected if swtpm closed it since the last command."""
         sock = self._sock
         if sock is None:
+            if not self.auto_reconnect:
+                raise BackendError(f"{self.name}: not connected (the connection was lost)")
             return self._connect()
         # Between commands nothing may be readable; readable means EOF or junk.
         if self._poller.poll(0):
-            log.info("%s: data connection went stale, reconnecting", self.name)
             self._drop()
+            if not self.auto_reconnect:
+                raise BackendError(f"{self.name}: swtpm closed the data connection")
+            log.info("%s: data connection went stale, reconnecting", self.name)
             return self._connect()
         return sock
+
+    def reopen(self) -> None:
+        """A new data connection (swtpm restarted, or dropped ours)."""
+        if self._closed:
+            raise BackendError(f"{self.name}: reopen of a closed backend")
+        self._drop()
+        self._connect(min(self.timeout, REOPEN_TIMEOUT))
 
     def _drop(self) -> None:
         if self._sock is not None:
@@ -191,6 +207,9 @@ class SwtpmBackend(Backend):
         try:
             sock.sendall(command)
         except (BrokenPipeError, ConnectionResetError) as e:
+            if not self.auto_reconnect:
+                self._drop()
+                raise BackendError(f"{self.name}: send failed: {e}") from e
             # Refused before the TPM saw a byte of it: safe to try once more.
             log.info("%s: send failed (%s), reconnecting once", self.name, e)
             self._drop()

@@ -15,6 +15,7 @@ At most `propertyCount` handles, moreData when more remain.
 
 from __future__ import annotations
 
+from cusetpm.rm.residency import Capacity
 from cusetpm.rm.space import Space
 from cusetpm.tpm.commands import get_capability_parameters, unmarshal_capability
 from cusetpm.tpm.constants import (
@@ -72,18 +73,28 @@ def answer_handles(space: Space, prop: int, count: int, client_saved: list[int])
     return Response(TPM_ST.NO_SESSIONS, 0, parameters=parameters).to_bytes()
 
 
-def rewrite_properties(response: bytes) -> bytes:
-    """TPM_PT_CONTEXT_GAP_MAX reads UINT32_MAX: this RM regaps (tpm2-abrmd's convention)."""
+def rewrite_properties(response: bytes, capacity: Capacity) -> bytes:
+    """TPM_PT_CONTEXT_GAP_MAX reads UINT32_MAX: this RM regaps (tpm2-abrmd's convention).
+
+    TPM_PT_HR_TRANSIENT_AVAIL and TPM_PT_HR_LOADED_AVAIL read what the TPM had free at start,
+    as a space sees it through the kernel (which empties the TPM for each command): the TPM's
+    own figure would count other spaces' resident contexts."""
     try:
         more, data = unmarshal_capability(response[TPM_HEADER_SIZE:])
     except TPMParseError:
         return response
     if data.capability != TPM_CAP.TPM_PROPERTIES:
         return response
+    shown: dict[int, int] = {
+        TPM_PT.CONTEXT_GAP_MAX: UINT32_MAX,
+        TPM_PT.HR_TRANSIENT_AVAIL: capacity.objects,
+        TPM_PT.HR_LOADED_AVAIL: capacity.sessions,
+    }
     changed = False
     for i, prop in enumerate(data.properties):
-        if prop.property == TPM_PT.CONTEXT_GAP_MAX:
-            data.properties[i] = TPMS_TAGGED_PROPERTY(prop.property, UINT32_MAX)
+        value = shown.get(prop.property)
+        if value is not None and value != prop.value:
+            data.properties[i] = TPMS_TAGGED_PROPERTY(prop.property, value)
             changed = True
     if not changed:
         return response

@@ -17,6 +17,9 @@ class RMConfig:
     max_objects_per_uid: int | None = None  # the same for objects (rm/quotas.py)
     retry_first_delay: float = 0.020  # TPM_RC_RETRY/TESTING/YIELDED: 20 ms, doubling ...
     retry_max_delay: float = 2.0  # ... until the delay would exceed 2 s (the kernel's numbers)
+    # The backend lost (rm/backendstate.py): reconnect after 0.1 s, doubling to every 5 s.
+    reopen_first_delay: float = 0.1
+    reopen_max_delay: float = 5.0
     # Session continuation: client-saved sessions whose saving descriptor closed, kept for
     # another descriptor to load; beyond this many the oldest is flushed.
     max_abandoned_sessions: int = 16
@@ -37,8 +40,9 @@ class RMConfig:
     aging: float = 2.0
     # Residency (residency.py): "resident" keeps the contexts a command used in the TPM until
     # room is needed (the least recently used goes first); "eager" puts everything away after
-    # each command (nothing of ours in the TPM between commands, the kernel's way).
-    residency: str = "resident"
+    # each command (nothing of ours in the TPM between commands, the kernel's way). Eager stays
+    # the default until the frontend and guest suites pass in resident mode too.
+    residency: str = "eager"
     # Slots left free between commands for others using the same TPM (the kernel's spaces,
     # trusted keys, its HMAC session). None: 1 on a kernel device backend, else 0.
     keep_free_objects: int | None = None

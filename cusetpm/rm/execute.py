@@ -1,17 +1,19 @@
 """What happens to one client command, in order. Runs for whoever holds the manager's `_current`
 job: the worker thread, or a submitter running its command inline on an idle TPM.
 
-validate  -> framing, command code (the TPM's own list), handle and auth areas
+validate  -> framing, command code (the TPM's own list), handle and auth areas: one Request
+policy    -> the node's policy (policy/): a refused command never reaches the TPM
 own       -> every transient handle and session named must belong to the space
-answer    -> what the RM answers itself (FlushContext of an object, handle lists,
-             a client's ContextSave/ContextLoad of a session: continuation.py)
+answer    -> what the RM answers itself (FlushContext of an object, handle lists, cached
+             ReadPublic, a client's ContextSave/ContextLoad of a session: continuation.py)
 limits    -> per-space object/session quotas, refused before anything runs
 room      -> a new session needs a free TPM session: else the command waits (manager.py)
-load      -> ContextLoad the objects and sessions the command names (once each)
+resident  -> residency.py makes what the command names resident (evicting others if the TPM
+             is full) and pins it
 map       -> virtual handles -> physical handles in the handle area
-transmit  -> the TPM runs the command
+transmit  -> the TPM runs the command; each TPM warning gets its one fix (residency.py)
 adopt     -> a new object gets the next virtual handle, a new session joins the space
-put away  -> objects flushed (re-saved first if they change), sessions saved (regap.py)
+finish    -> residency.py unpins, and puts contexts away as the mode says (eager: all)
 """
 
 from __future__ import annotations
@@ -20,19 +22,21 @@ import errno
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 
 from cusetpm.backends.base import BackendError
 from cusetpm.policy import decide
 from cusetpm.rm import continuation, refusals
 from cusetpm.rm.capability import answer_handles, handles_query, rewrite_properties
-from cusetpm.rm.commandtable import SESSION_CREATING, CommandTable
+from cusetpm.rm.commandtable import CommandTable
 from cusetpm.rm.config import RMConfig
 from cusetpm.rm.errors import RMError, foreign_handle
 from cusetpm.rm.quotas import Quotas, fair_victim
 from cusetpm.rm.regap import Regapper
+from cusetpm.rm.request import Request, handle_count
+from cusetpm.rm.residency import NoTpmMemory, Residency
 from cusetpm.rm.sessions import SessionEntry, SessionTable
-from cusetpm.rm.space import SavedObject, Space
+from cusetpm.rm.space import Space
 from cusetpm.rm.tpmlink import ContextError, TpmLink
 from cusetpm.tpm import commands as build
 from cusetpm.tpm.command import Command, parse_command
@@ -42,8 +46,6 @@ from cusetpm.tpm.constants import (
     TPM_HEADER_SIZE,
     TPM_HT,
     TPM_ST,
-    TPMA_CC,
-    TPMA_SESSION,
     cc_name,
     command_name,
     handle_type,
@@ -52,7 +54,7 @@ from cusetpm.tpm.constants import (
     session_types_at,
 )
 from cusetpm.tpm.errors import BadTagError, SizeMismatchError, TPMParseError
-from cusetpm.tpm.rc import RC_N_SHIFT, RC_P, TPM_RC, rc_base, rm_rc
+from cusetpm.tpm.rc import RC_N_SHIFT, RC_P, TPM_RC, rm_rc
 from cusetpm.tpm.response import Response, error_response
 
 log = logging.getLogger(__name__)
@@ -65,33 +67,8 @@ POLICY_REFUSED = rm_rc(TPM_RC.DISABLED)
 NO_SESSION_ROOM = frozenset({TPM_RC.SESSION_HANDLES, TPM_RC.SESSION_MEMORY})
 
 
-# The TPM has no memory to load a context now (platform firmware may hold slots): nothing is
-# lost, the command is refused with the TPM's own code and may be retried.
-NO_MEMORY = frozenset({TPM_RC.OBJECT_MEMORY, TPM_RC.SESSION_MEMORY, TPM_RC.MEMORY})
-
-
 class SessionsExhausted(Exception):
     """A new session needs a free TPM session: the manager makes the command wait."""
-
-
-class NoTpmMemory(Exception):
-    """The RM's own ContextLoad found the TPM full; the context itself is fine."""
-
-    def __init__(self, rc: int):
-        super().__init__(f"TPM memory full: rc 0x{rc:x}")
-        self.rc = rc
-
-
-# Objects whose state changes with each command that uses them: always saved again.
-SEQUENCE_CREATING = frozenset({TPM_CC.HashSequenceStart, TPM_CC.HMAC_Start})
-
-
-@dataclass
-class Loaded:
-    """What the RM put into the TPM for one command, to be put away after it."""
-
-    objects: dict[int, int] = field(default_factory=dict)  # vhandle -> physical handle
-    sessions: list[int] = field(default_factory=list)
 
 
 class Executor:
@@ -104,6 +81,7 @@ class Executor:
         sessions: SessionTable,
         config: RMConfig,
         regapper: Regapper,
+        residency: Residency,
         active_sessions_max: int,
     ):
         self.link = link
@@ -111,6 +89,7 @@ class Executor:
         self.sessions = sessions
         self.config = config
         self.regapper = regapper
+        self.residency = residency
         self.active_sessions_max = active_sessions_max
         self.reconcile_needed = False
         # Objects and sessions the TPM held before the RM started (firmware may keep some):
@@ -126,59 +105,52 @@ class Executor:
         """The response to one command. `queue_behind`: others are waiting for a TPM session,
         so a command needing a new one must wait too (SessionsExhausted), after its checks."""
         try:
-            parsed, attrs = self.validate(space, command)
+            req = self.validate(space, command)
         except BadTagError:
             return self.answer_bad_tag(space, command)
-        if parsed is None or attrs is None:
+        if req is None:
             return error_response(rm_rc(TPM_RC.COMMAND_CODE))
-        refusal = self.check_policy(space, parsed)
+        refusal = self.check_policy(space, req.cmd)
         if refusal is not None:
             return refusal
-        refusal = self.check_ownership(space, parsed)
+        refusal = self.check_ownership(space, req.cmd)
         if refusal is not None:
             return refusal
-        local = self.answer_locally(space, parsed)
-        if local is not None:
-            return local
-        refusal = self.check_limits(space, parsed, attrs)
-        if refusal is not None:
-            return refusal
-        creates_session = _creates(parsed, attrs) == "session"
-        if creates_session and (queue_behind or len(self.sessions) >= self.active_sessions_max):
-            raise SessionsExhausted()
         try:
-            if self.reconcile_needed:
+            if self.reconcile_needed or self.residency.reconcile_needed:
                 self.reconcile()
-            try:
-                loaded = self.load(space, parsed)
-            except NoTpmMemory as exc:
-                log.warning("space %d: %s; %s refused", space.id, exc, cc_name(parsed.commandCode))
-                return error_response(exc.rc)
-            response = self.link.transmit(self.map_command(command, parsed, loaded))
-            if creates_session and _rc(response) in NO_SESSION_ROOM:
-                self.unload(loaded)  # someone outside the RM holds sessions too: wait as well
-                raise SessionsExhausted()
-            response = self.put_away(space, parsed, attrs, loaded, response)
-            if self.config.proactive_regap:
-                self.regapper.check()
+            return self.answer_locally(space, req) or self.run(space, req, command, queue_behind)
         except BackendError as exc:
-            self.after_transport_failure(space)
+            self.orphans.update(self.residency.abandon())
+            self.after_transport_failure()
             raise RMError(errno.EIO, f"TPM backend failed: {exc}") from exc
+
+    def run(self, space: Space, req: Request, command: bytes, queue_behind: bool) -> bytes:
+        refusal = self.check_limits(space, req)
+        if refusal is not None:
+            return refusal
+        if req.creates == "session" and (
+            queue_behind or len(self.sessions) >= self.active_sessions_max
+        ):
+            raise SessionsExhausted()
+        response = self.run_on_tpm(space, req, command)
+        if self.config.proactive_regap:
+            self.regapper.check()
         return response
 
     # -- validate -------------------------------------------------------------------------
 
-    def validate(self, space: Space, command: bytes) -> tuple[Command | None, TPMA_CC | None]:
-        """Parsed command and its TPMA_CC; (None, None) for a code the TPM does not know."""
+    def validate(self, space: Space, command: bytes) -> Request | None:
+        """The command parsed once; None for a code the TPM does not know."""
         if len(command) < TPM_HEADER_SIZE:
             raise RMError(errno.EINVAL, f"command of {len(command)} bytes is shorter than a header")
-        code = int.from_bytes(command[6:10], "big")
+        code = cmd_code(command)
         attrs = self.table.lookup(code)
         if attrs is None:
             refusals.warn(space, "unknown command code 0x%08x refused", code)
-            return None, None
+            return None
         try:
-            return parse_command(command, _handle_count(code, attrs)), attrs
+            return Request.of(parse_command(command, handle_count(code, attrs)), attrs)
         except SizeMismatchError as exc:
             raise RMError(errno.EINVAL, f"{cc_name(code)}: {exc}") from exc
         except BadTagError:
@@ -225,20 +197,24 @@ class Executor:
         the TPM answers a session that is not there, without reaching the TPM: the kernel
         passes session handles through, and clients (ESAPI) expect the TPM's response code
         there, not an errno. Another space's session thus reads exactly like an absent one.
-        A session the RM evicted under exhaustion gets the RM-layer TPM_RC_REFERENCE_H<n>/S<n>.
+        A session the RM gave up (exhaustion, or its context lost) gets the RM-layer
+        TPM_RC_REFERENCE_H<n>/S<n>; an object whose context was lost while another space's
+        command ran gets the errno the kernel gives for a lost context, once.
         """
         for i, handle in enumerate(cmd.handles):
             if is_transient_handle(handle) and handle not in space.objects:
+                if handle in space.lost:
+                    return self.report_lost(space, cmd, handle)
                 raise foreign_handle(handle, "handle area")
             if is_session_handle(handle) and handle not in space.sessions:
-                if handle in space.evicted:
-                    return self.evicted(space, handle, rm_rc(TPM_RC.REFERENCE_H0 + i))
+                if handle in space.revoked:
+                    return self.revoked(space, handle, rm_rc(TPM_RC.REFERENCE_H0 + i))
                 return self.absent_session(space, cmd, handle, absent_handle_rc(cmd, i))
         for i, session in enumerate(cmd.sessions):
             handle = session.sessionHandle
             if is_session_handle(handle) and handle not in space.sessions:
-                if handle in space.evicted:
-                    return self.evicted(space, handle, rm_rc(TPM_RC.REFERENCE_S0 + i))
+                if handle in space.revoked:
+                    return self.revoked(space, handle, rm_rc(TPM_RC.REFERENCE_S0 + i))
                 return self.absent_session(space, cmd, handle, TPM_RC.REFERENCE_S0 + i)
         return None
 
@@ -250,19 +226,31 @@ class Executor:
         return error_response(rc)
 
     @staticmethod
-    def evicted(space: Space, handle: int, rc: int) -> bytes:
-        refusals.warn(space, "session 0x%08x was evicted under session exhaustion", handle)
+    def revoked(space: Space, handle: int, rc: int) -> bytes:
+        refusals.warn(space, "session 0x%08x was given up by the RM (exhaustion, or its "
+                      "context was lost)", handle)
         return error_response(rc)
+
+    @staticmethod
+    def report_lost(space: Space, cmd: Command, vhandle: int) -> bytes:
+        """An object whose context is gone: its next use gets the errno, once; a FlushContext
+        of it succeeds. Its number is not given to a new object (a stale copy of the handle
+        must not reach someone else's key), so after that it is simply unknown."""
+        err = space.lost.pop(vhandle)
+        if cmd.commandCode == TPM_CC.FlushContext:
+            return SUCCESS_RESPONSE
+        raise RMError(err, f"object 0x{vhandle:08x} was lost: the TPM refused to save it")
 
     # -- answer ---------------------------------------------------------------------------
 
-    def answer_locally(self, space: Space, cmd: Command) -> bytes | None:
+    def answer_locally(self, space: Space, req: Request) -> bytes | None:
+        cmd = req.cmd
         if cmd.tag != TPM_ST.NO_SESSIONS:
             self.refuse_unfilterable(cmd)
             return None  # a response the RM wrote itself would break the session's HMAC
         if cmd.commandCode == TPM_CC.FlushContext:
             return self.flush_for_client(space, cmd)
-        if _plain_read_public(cmd):
+        if req.plain_read_public:
             return space.objects[cmd.handles[0]].read_public  # None: not asked yet
         if cmd.commandCode == TPM_CC.GetCapability:
             query = handles_query(cmd.parameters)
@@ -291,8 +279,9 @@ class Executor:
     def save_session_for_client(self, space: Space, handle: int) -> bytes:
         """The client gets a token; the session leaves the space but stays in the TPM."""
         entry = self.sessions.get(handle)
-        if entry is None or entry.context is None:
-            raise RMError(errno.ENOENT, f"session 0x{handle:08x} has no saved context")
+        if entry is None:
+            raise RMError(errno.ENOENT, f"session 0x{handle:08x} is not in the RM's table")
+        self.residency.evict_for_save(entry)  # the token stands for a saved context
         token = continuation.new_token()
         self.sessions.client_saved(entry, token)
         log.debug("space %d: session 0x%08x saved by the client", space.id, handle)
@@ -305,24 +294,39 @@ class Executor:
         if entry is None:
             refusals.warn(space, "ContextLoad of a spent or unknown session token")
             return error_response(continuation.RC_STALE_TOKEN)
-        if entry.saved_by is not space and self.session_count(space) >= self.config.max_sessions:
-            return self.over_limit(space, "TPM2_ContextLoad", "sessions", TPM_RC.SESSION_MEMORY)
+        if entry.node != space.node:
+            # A policy session satisfied on one node must not carry that authority to a node
+            # whose policy is narrower: a token is claimed only where it was saved.
+            refusals.warn(space, "ContextLoad of a session token saved on node %s refused",
+                          entry.node)
+            return error_response(continuation.RC_STALE_TOKEN)
+        if entry.saved_by is not space:
+            if self.session_count(space) >= self.config.max_sessions:
+                return self.over_limit(space, "TPM2_ContextLoad", "sessions",
+                                       TPM_RC.SESSION_MEMORY)
+            saver = entry.saved_by
+            if saver is None or saver.uid != space.uid:
+                # Abandoned, or another uid's: the session joins this uid's count (the quotas
+                # count a uid's own client-saved sessions already).
+                refusal = self.quotas.check_command(space, "session", TPM_CC.ContextLoad)
+                if refusal is not None:
+                    return refusal
         self.sessions.claim(entry, space)
         log.debug("space %d: session 0x%08x loaded from a token", space.id, entry.handle)
         return Response(TPM_ST.NO_SESSIONS, 0, handle=entry.handle).to_bytes()
 
     def flush_for_client(self, space: Space, cmd: Command) -> bytes | None:
-        """FlushContext of an object only drops its saved context; nothing is in the TPM."""
+        """FlushContext of an object drops its saved context, and flushes it if resident."""
         (handle,) = cmd.handles
         if is_transient_handle(handle):
-            space.drop_object(handle)
+            self.residency.drop_object(space, handle)
             return SUCCESS_RESPONSE
-        return None  # sessions: the TPM flushes them (saved or not); see put_away
+        return None  # sessions: the TPM flushes them (saved or not); see commit
 
     # -- limits ---------------------------------------------------------------------------
 
-    def check_limits(self, space: Space, cmd: Command, attrs: TPMA_CC) -> bytes | None:
-        creates = _creates(cmd, attrs)
+    def check_limits(self, space: Space, req: Request) -> bytes | None:
+        cmd, creates = req.cmd, req.creates
         if creates == "object" and len(space.objects) >= self.config.max_objects:
             return self.over_limit(space, cc_name(cmd.commandCode), "objects", TPM_RC.OBJECT_MEMORY)
         if creates == "session" and self.session_count(space) >= self.config.max_sessions:
@@ -340,195 +344,69 @@ class Executor:
         refusals.warn(space, "%s refused: %d %s is the limit", name, limit, what)
         return error_response(rm_rc(rc))
 
-    # -- load -----------------------------------------------------------------------------
+    # -- on the TPM ---------------------------------------------------------------------
 
-    def load(self, space: Space, cmd: Command) -> Loaded:
-        loaded = Loaded()
+    def run_on_tpm(self, space: Space, req: Request, command: bytes) -> bytes:
+        """Make resident, map, transmit (fixing TPM warnings), adopt: residency.py swaps."""
+        residency = self.residency
         try:
-            for handle in _named_objects(cmd):
-                if handle not in loaded.objects:
-                    loaded.objects[handle] = self.load_object(space, handle)
-            for handle in _named_sessions(cmd):
-                if handle not in loaded.sessions:
-                    self.load_session(space, handle)
-                    loaded.sessions.append(handle)
-        except BaseException:
-            self.unload(loaded)
-            raise
-        return loaded
-
-    def load_object(self, space: Space, vhandle: int) -> int:
-        try:
-            return self.link.context_load(space.objects[vhandle].context)
-        except ContextError as exc:
-            if rc_base(exc.rc) in NO_MEMORY:
-                raise NoTpmMemory(exc.rc) from exc
-            space.drop_object(vhandle)
-            raise _context_errno(space, exc, f"object 0x{vhandle:08x} lost") from exc
-
-    def load_session(self, space: Space, handle: int) -> None:
-        entry = self.sessions.get(handle)
-        if entry is None or entry.context is None:
-            self.sessions.forget(handle)
-            raise RMError(errno.ENOENT, f"session 0x{handle:08x} has no saved context")
-        try:
-            loaded_as = self.link.context_load(entry.context)
-        except ContextError as exc:
-            if rc_base(exc.rc) in NO_MEMORY:
-                raise NoTpmMemory(exc.rc) from exc
-            # The context is useless now, but the TPM still counts the session: free it.
-            self.link.flush_quietly(handle)
-            self.sessions.forget(handle)
-            raise _context_errno(space, exc, f"session 0x{handle:08x} lost") from exc
-        if loaded_as != handle:
-            self.link.flush_quietly(loaded_as)
-            self.sessions.forget(handle)
-            raise RMError(errno.EFAULT, f"session 0x{handle:08x} came back as 0x{loaded_as:08x}")
-        self.sessions.loaded(entry)  # the TPM now holds the only valid copy
-
-    def unload(self, loaded: Loaded) -> None:
-        """Error path: take back out of the TPM what load() put in."""
-        for handle in loaded.objects.values():
-            self.link.flush_quietly(handle)
-        for handle in loaded.sessions:
-            self.save_session_or_forget(handle)
-
-    # -- map ------------------------------------------------------------------------------
-
-    @staticmethod
-    def map_command(command: bytes, cmd: Command, loaded: Loaded) -> bytes:
-        if not loaded.objects:
-            return command
-        wire = bytearray(command)
-        for i, handle in enumerate(cmd.handles):
-            physical = loaded.objects.get(handle)
-            if physical is not None:
-                offset = TPM_HEADER_SIZE + 4 * i
-                wire[offset : offset + 4] = physical.to_bytes(4, "big")
-        return bytes(wire)
-
-    # -- adopt and put away ---------------------------------------------------------------
-
-    def put_away(
-        self, space: Space, cmd: Command, attrs: TPMA_CC, loaded: Loaded, response: bytes
-    ) -> bytes:
-        """Adopt new handles, then leave nothing of the space in the TPM."""
-        rc = _rc(response)
-        failures: list[RMError] = []
-        new_object: tuple[int, int] | None = None
-        if rc == 0 and attrs.rHandle and len(response) >= TPM_HEADER_SIZE + 4:
-            response, new_object = self.adopt(space, cmd, response, failures)
-        ended = self.ended_sessions(cmd, attrs, rc)
-        for vhandle, physical in loaded.objects.items():
-            if rc == 0 and attrs.flushed:
-                space.drop_object(vhandle)  # the command itself flushed it (SequenceComplete)
-                continue
-            self.put_object_away(space, vhandle, physical, failures)
-        if new_object is not None:
-            self.put_object_away(space, *new_object, failures)
-        for handle in loaded.sessions:
-            if handle in ended:
-                self.sessions.forget(handle)
+            try:
+                mapping = residency.prepare(space, req)
+            except NoTpmMemory as exc:
+                log.warning("space %d: %s; %s refused", space.id, exc, cc_name(req.code))
+                response = error_response(exc.rc)
             else:
-                self.save_session_or_forget(handle, failures)
-        if rc == 0 and cmd.commandCode == TPM_CC.FlushContext:
-            self.sessions.forget(cmd.handles[0])
-        if failures:
-            raise failures[0]
-        if rc == 0 and cmd.commandCode == TPM_CC.GetCapability and cmd.tag == TPM_ST.NO_SESSIONS:
-            response = rewrite_properties(response)
-        if rc == 0 and _plain_read_public(cmd):
-            entry = space.objects.get(cmd.handles[0])
-            if entry is not None:
-                entry.read_public = response  # no handle in it: valid however it is loaded
+                response = residency.transmit(lambda: map_command(command, req.cmd, mapping))
+                if req.creates == "session" and _rc(response) in NO_SESSION_ROOM:
+                    raise SessionsExhausted()  # someone outside the RM holds sessions too
+                response = self.commit(space, req, response)
+        except BackendError:
+            self.orphans.update(residency.abandon())
+            raise
+        except BaseException:
+            residency.finish(report=False)
+            raise
+        residency.finish()  # raises what befell the command's own contexts
+        return self.finish_response(space, req, response)
+
+    def commit(self, space: Space, req: Request, response: bytes) -> bytes:
+        """Adopt what the command made; forget what it ended or flushed."""
+        rc = _rc(response)
+        if rc != 0:
+            return response
+        if req.attrs.rHandle and len(response) >= TPM_HEADER_SIZE + 4:
+            response = self.adopt(space, req, response)
+        if req.attrs.flushed:
+            for vhandle in req.objects:  # the command itself flushed it (SequenceComplete)
+                self.residency.flushed_by_tpm(space, vhandle)
+        for handle in req.ended_sessions():
+            self.residency.session_ended(handle)
         return response
 
-    def adopt(
-        self, space: Space, cmd: Command, response: bytes, failures: list[RMError]
-    ) -> tuple[bytes, tuple[int, int] | None]:
+    def adopt(self, space: Space, req: Request, response: bytes) -> bytes:
+        """A new session joins the space; a new object gets the next virtual handle."""
         handle = int.from_bytes(response[TPM_HEADER_SIZE : TPM_HEADER_SIZE + 4], "big")
         if is_session_handle(handle):
-            self.sessions.add(handle, space)
-            # A new session that cannot be saved is flushed: the client must not be told it
-            # has one (its first use would fail).
-            self.save_session_or_forget(handle, failures)
-            return response, None
+            self.residency.adopt_session(space, handle)
+            return response
         if not is_transient_handle(handle):
-            return response, None
-        vhandle = space.new_vhandle()
-        # A client's ContextLoad blob may hold a sequence object: treat it as one.
-        mutable = cmd.commandCode in SEQUENCE_CREATING or cmd.commandCode == TPM_CC.ContextLoad
-        space.objects[vhandle] = SavedObject(context=b"", mutable=mutable)
+            return response
+        vhandle = self.residency.adopt_object(space, handle, mutable=req.creates_mutable)
         wire = bytearray(response)
         wire[TPM_HEADER_SIZE : TPM_HEADER_SIZE + 4] = vhandle.to_bytes(4, "big")
-        return bytes(wire), (vhandle, handle)
+        return bytes(wire)
 
-    def ended_sessions(self, cmd: Command, attrs: TPMA_CC, rc: int) -> set[int]:
-        """Sessions the command itself ended: no save needed (and none possible)."""
-        if rc != 0:
-            return set()
-        ended = {
-            s.sessionHandle
-            for s in cmd.sessions
-            if is_session_handle(s.sessionHandle)
-            and not s.sessionAttributes & TPMA_SESSION.continueSession
-        }
-        if cmd.commandCode == TPM_CC.ContextSave and is_session_handle(cmd.handles[0]):
-            # Saved through the TPM (the RM answers untagged saves itself with a token, see
-            # answer_locally): as in the kernel, the session leaves the space.
-            ended.add(cmd.handles[0])
-        return ended
-
-    def put_object_away(
-        self, space: Space, vhandle: int, physical: int, failures: list[RMError]
-    ) -> None:
-        """Save the object if its context changed (or is new), then free its slot.
-
-        A failed save loses the object: the space is told. A failed flush loses nothing (the
-        saved context is good) but may leave the slot taken: the next command reconciles.
-        """
-        entry = space.objects.get(vhandle)
-        if entry is not None and (entry.mutable or not entry.context):
-            try:
-                entry.context = self.link.context_save(physical)
-            except ContextError as exc:
-                self.link.flush_quietly(physical)
-                space.drop_object(vhandle)
-                failures.append(_context_errno(space, exc, f"object 0x{vhandle:08x} lost"))
-                return
-        try:
-            self.link.flush(physical)
-        except ContextError as exc:
-            if not exc.gone:
-                log.warning("space %d: %s; will reconcile", space.id, exc)
-                self.reconcile_needed = True
-
-    def save_session_or_forget(self, handle: int, failures: list[RMError] | None = None) -> None:
-        """Save a loaded session; one that cannot be saved is flushed and its owner told."""
-        entry = self.sessions.get(handle)
-        try:
-            context = self.save_session(handle)
-        except ContextError as exc:
-            self.link.flush_quietly(handle)
-            self.sessions.forget(handle)
-            if failures is not None and entry is not None and entry.owner is not None:
-                lost = f"session 0x{handle:08x} lost"
-                failures.append(_context_errno(entry.owner, exc, lost))
-            return
-        if entry is None:
-            self.link.flush_quietly(handle)  # nobody owns it any more: do not keep it alive
-            return
-        self.regapper.saved(entry, context)
-
-    def save_session(self, handle: int) -> bytes:
-        """ContextSave of a session; on TPM_RC_CONTEXT_GAP, regap and try once more."""
-        try:
-            return self.link.context_save(handle)
-        except ContextError as exc:
-            if exc.rc != TPM_RC.CONTEXT_GAP:
-                raise
-        self.regapper.recover()
-        return self.link.context_save(handle)
+    def finish_response(self, space: Space, req: Request, response: bytes) -> bytes:
+        """What the client sees of its own contexts, and of the TPM's slots: no one else's."""
+        if _rc(response) != 0:
+            return response
+        if req.code == TPM_CC.GetCapability and req.cmd.tag == TPM_ST.NO_SESSIONS:
+            return rewrite_properties(response, self.residency.capacity)
+        if req.plain_read_public:
+            obj = space.objects.get(req.cmd.handles[0])
+            if obj is not None:
+                obj.read_public = response  # no handle in it: valid however it is loaded
+        return response
 
     # -- close ----------------------------------------------------------------------------
 
@@ -542,10 +420,9 @@ class Executor:
             if saved is not None:
                 self.sessions.abandon(saved)
         self.prune_abandoned()
-        for vhandle in list(space.objects):
-            space.drop_object(vhandle)
-        space.evicted.clear()
-        if self.orphans:
+        self.residency.close(space)
+        space.revoked.clear()
+        if self.orphans or self.residency.reconcile_needed:
             try:
                 self.reconcile()
             except BackendError as exc:
@@ -562,6 +439,10 @@ class Executor:
                 log.warning("%s; will flush again", exc)
                 self.orphans.add(handle)
                 self.reconcile_needed = True
+        except BackendError as exc:
+            log.warning("flush of session 0x%08x failed (%s); will flush again", handle, exc)
+            self.orphans.add(handle)
+            self.reconcile_needed = True
 
     def prune_abandoned(self) -> None:
         abandoned = self.sessions.abandoned_oldest_first()
@@ -575,25 +456,22 @@ class Executor:
     def evict_idle_session(self, idle_for: float, in_flight: set[int]) -> SessionEntry | None:
         """Flush the least recently used session idle for `idle_for` s; None if there is none.
 
-        Only saved sessions qualify (the running command's are loaded), and none that a
-        command already written but not yet run names (`in_flight`).
+        Runs between commands (a job of its own), so no session is pinned; none that a
+        command already written but not yet run names (`in_flight`) qualifies. A resident
+        session is flushed like a saved one: both free a TPM session.
         """
         deadline = time.monotonic() - idle_for
-        idle = [
-            e
-            for e in self.sessions
-            if e.context is not None and e.last_used <= deadline and e.handle not in in_flight
-        ]
+        idle = [e for e in self.sessions if e.last_used <= deadline and e.handle not in in_flight]
         if not idle:
             return None
         victim = fair_victim(idle, self.sessions, self.active_sessions_max,
                              self.config.max_sessions_per_uid)  # uid-fair LRU (quotas.py)
         self.link.flush_quietly(victim.handle)
         if victim.owner is not None:
-            victim.owner.evicted.add(victim.handle)
+            victim.owner.revoked.add(victim.handle)
         self.sessions.forget(victim.handle)
         log.warning(
-            "session 0x%08x (space %s, idle %.1f s) evicted: the TPM has no free session",
+            "session 0x%08x (space %s, idle %.1f s) flushed: the TPM has no free session",
             victim.handle,
             victim.owner.id if victim.owner else "-",
             time.monotonic() - victim.last_used,
@@ -601,18 +479,15 @@ class Executor:
         return victim
 
     def next_evictable_at(self, idle_for: float) -> float | None:
-        """When the first saved session will have been idle for `idle_for` s."""
-        times = [e.last_used for e in self.sessions if e.context is not None]
+        """When the first session will have been idle for `idle_for` s."""
+        times = [e.last_used for e in self.sessions]
         return min(times) + idle_for if times else None
 
     # -- transport failures ---------------------------------------------------------------
 
-    def after_transport_failure(self, space: Space) -> None:
-        """The TPM may have done more than the RM heard of: clean up now, or before the next
+    def after_transport_failure(self) -> None:
+        """The TPM may have done more than the RM heard of: reconcile now, or before the next
         command if the backend is still down."""
-        for vhandle, entry in list(space.objects.items()):
-            if not entry.context:
-                space.drop_object(vhandle)  # created by the lost command, never saved
         self.reconcile_needed = True
         try:
             self.reconcile()
@@ -620,23 +495,13 @@ class Executor:
             log.warning("TPM backend still failing (%s); will reconcile later", exc)
 
     def reconcile(self) -> None:
-        """Bring the TPM back to the RM's picture: nothing loaded between commands.
-
-        Transient objects and loaded sessions the RM does not account for are flushed
-        (but those present when the RM started: firmware may own them); sessions the RM had
-        loaded are saved again, or dropped (their owners get the evicted error) if lost;
-        sessions the RM gave up but could not flush (`orphans`) are flushed again.
-        """
-        for handle in self.tpm_handles(TPM_HT.TRANSIENT):
-            if handle not in self.baseline:
-                self.link.flush_quietly(handle)
-        loaded = set(self.tpm_handles(TPM_HT.HMAC_SESSION))
-        for handle in loaded:
-            # A session of the RM's that is loaded: whatever context the RM holds is stale.
-            if self.sessions.get(handle) is not None:
-                self.save_session_or_forget(handle)
-            elif handle not in self.baseline:
-                self.link.flush_quietly(handle)
+        """Bring the RM's tables and the TPM back together (residency.py: which contexts are
+        resident); sessions the RM gave up but could not flush (`orphans`) are flushed again."""
+        self.residency.reconcile(
+            self.tpm_handles(TPM_HT.TRANSIENT),
+            set(self.tpm_handles(TPM_HT.HMAC_SESSION)),
+            self.baseline,
+        )
         for handle in sorted(self.orphans):
             if self.sessions.get(handle) is None:  # else the TPM gave the number out again
                 try:
@@ -646,12 +511,6 @@ class Executor:
                         log.warning("%s; will flush again", exc)
                         continue
             self.orphans.discard(handle)
-        for entry in self.sessions:
-            if entry.context is None and entry.handle not in loaded:
-                self.link.flush_quietly(entry.handle)
-                if entry.owner is not None:
-                    entry.owner.evicted.add(entry.handle)
-                self.sessions.forget(entry.handle)
         self.reconcile_needed = bool(self.orphans)
         log.info("reconciled the TPM with the RM's tables")
 
@@ -672,31 +531,58 @@ class Executor:
         """Session handles that these (not yet validated) commands name, as far as they parse."""
         named: set[int] = set()
         for command in commands:
-            attrs = self.table.lookup(int.from_bytes(command[6:10], "big")) if command else None
+            attrs = self.table.lookup(cmd_code(command)) if len(command) >= 10 else None
             if attrs is None:
                 continue
             try:
-                cmd = parse_command(command, _handle_count(cmd_code(command), attrs))
+                cmd = parse_command(command, handle_count(cmd_code(command), attrs))
             except TPMParseError:
                 continue
             named.update(h for h in cmd.handles if is_session_handle(h))
             named.update(s.sessionHandle for s in cmd.sessions)
         return named
 
+    # -- the TPM restarted (rm/backendstate.py detects it) --------------------------------
+
+    def after_tpm_restart(self, spaces: Iterable[Space], flush: bool) -> None:
+        """The TPM was reset or restarted: every context the RM saved is useless (session
+        contexts die with a TPM Reset/Restart; object contexts of the null hierarchy too, and
+        the RM cannot tell which others would still load). Forget them all, so that their
+        owners get the RM's documented answers instead of the TPM's integrity failures:
+        a session: the RM-layer TPM_RC_REFERENCE_H<n>/S<n> of an evicted one; a token: the
+        stale-token code; an object: ENOENT (check_ownership). `flush`: no TPM Reset (the
+        reset count is the same), so the TPM may still hold the saved sessions (a Resume
+        keeps them): flush them, or they would fill its slots with nobody to free them."""
+        for entry in self.sessions:
+            if flush:
+                self.link.flush_quietly(entry.handle)
+            if entry.owner is not None:
+                entry.owner.revoked.add(entry.handle)
+            self.sessions.forget(entry.handle)  # a client-saved session's token is spent too
+        self.residency.forget_all()  # nothing of ours is resident in a restarted TPM
+        for space in spaces:
+            for vhandle in list(space.objects):
+                space.lose_object(vhandle, errno.ENOENT)
+        self.orphans.clear()
+        self.reconcile_needed = False
+        self.regapper.latest = 0  # the TPM numbers session saves from the start again
+
 
 def cmd_code(command: bytes) -> int:
     return int.from_bytes(command[6:10], "big")
 
 
-def _plain_read_public(cmd: Command) -> bool:
-    """ReadPublic of a transient object, well formed, without sessions: its answer depends on
-    nothing but the object, so the RM keeps the first and gives it again (no TPM command)."""
-    return (
-        cmd.commandCode == TPM_CC.ReadPublic
-        and cmd.tag == TPM_ST.NO_SESSIONS
-        and not cmd.parameters
-        and is_transient_handle(cmd.handles[0])
-    )
+def map_command(command: bytes, cmd: Command, mapping: dict[int, int]) -> bytes:
+    """The command with its virtual transient handles replaced by the physical ones."""
+    if not mapping:
+        return command
+    wire = bytearray(command)
+    for i, handle in enumerate(cmd.handles):
+        physical = mapping.get(handle)
+        if physical is not None:
+            offset = TPM_HEADER_SIZE + 4 * i
+            wire[offset : offset + 4] = physical.to_bytes(4, "big")
+    return bytes(wire)
 
 
 def absent_handle_rc(cmd: Command, position: int) -> int:
@@ -716,47 +602,3 @@ def absent_handle_rc(cmd: Command, position: int) -> int:
 
 def _rc(response: bytes) -> int:
     return int.from_bytes(response[6:10], "big") if len(response) >= TPM_HEADER_SIZE else -1
-
-
-def _handle_count(code: int, attrs: TPMA_CC) -> int:
-    # FlushContext names its handle as a parameter; like the kernel, treat it as a handle.
-    if code == TPM_CC.FlushContext:
-        return 1
-    return attrs.cHandles
-
-
-def _creates(cmd: Command, attrs: TPMA_CC) -> str | None:
-    if not attrs.rHandle:
-        return None
-    if cmd.commandCode in SESSION_CREATING:
-        return "session"
-    if cmd.commandCode == TPM_CC.ContextLoad:
-        saved = int.from_bytes(cmd.parameters[8:12], "big") if len(cmd.parameters) >= 12 else 0
-        return "session" if is_session_handle(saved) else "object"
-    return "object"
-
-
-def _named_objects(cmd: Command) -> list[int]:
-    return [h for h in cmd.handles if is_transient_handle(h)]
-
-
-def _named_sessions(cmd: Command) -> list[int]:
-    """Sessions the command uses; FlushContext of a session needs it only saved."""
-    if cmd.commandCode == TPM_CC.FlushContext:
-        return []
-    named = [h for h in cmd.handles if is_session_handle(h)]
-    named += [s.sessionHandle for s in cmd.sessions if is_session_handle(s.sessionHandle)]
-    return named
-
-
-def _context_errno(space: Space, exc: ContextError, what: str) -> RMError:
-    """The kernel's mapping of a failed context operation to an errno (tpm2_load_context)."""
-    base = rc_base(exc.rc)
-    if base in (TPM_RC.HANDLE, TPM_RC.REFERENCE_H0):
-        err = errno.ENOENT
-    elif base == TPM_RC.INTEGRITY:
-        err = errno.EINVAL
-    else:
-        err = errno.EFAULT
-    log.warning("space %d: %s: %s", space.id, what, exc)
-    return RMError(err, f"{what}: {exc}")

@@ -27,6 +27,7 @@ from typing import Any
 from cusetpm.backends.base import Backend, BackendError
 from cusetpm.policy import NodePolicy
 from cusetpm.rm import refusals
+from cusetpm.rm.backendstate import BackendState
 from cusetpm.rm.commandtable import CommandTable
 from cusetpm.rm.config import RMConfig
 from cusetpm.rm.counters import Counters
@@ -34,6 +35,7 @@ from cusetpm.rm.errors import RMError
 from cusetpm.rm.execute import Executor, SessionsExhausted
 from cusetpm.rm.quotas import NodeLimits, Quotas
 from cusetpm.rm.regap import Regapper
+from cusetpm.rm.residency import Capacity, Residency
 from cusetpm.rm.scheduler import Scheduler
 from cusetpm.rm.sessions import SessionTable
 from cusetpm.rm.space import Space
@@ -53,6 +55,7 @@ READ_PROPERTIES = (
     TPM_PT.CONTEXT_GAP_MAX,
     TPM_PT.MAX_CAP_BUFFER,
     TPM_PT.HR_TRANSIENT_AVAIL,
+    TPM_PT.HR_LOADED_AVAIL,
 )
 
 
@@ -119,8 +122,10 @@ class ResourceManager:
         self.wait_stats = WaitStats()
         self.counters = Counters()  # for `cusetpm status` (rm/status.py)
         self.regapper: Regapper | None = None
+        self.residency: Residency | None = None
         self.scheduler = Scheduler(self.config.schedule == "fair", self.config.aging)
         self.quotas = Quotas(self.config)  # per uid and per node (rm/quotas.py)
+        self.backend_state = BackendState(self, self._rm_work)  # backend lost and back
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -132,15 +137,21 @@ class ResourceManager:
             TPM_PT.CONTEXT_GAP_MAX, 0xFFFF
         )
         self.regapper = Regapper(self.link, self.sessions, window)
+        self.residency = Residency(
+            self.link, self.sessions, self.regapper, self._capacity(),
+            eager=self.config.residency == "eager",
+        )
         self._executor = Executor(
             self.link,
             table,
             self.sessions,
             self.config,
             self.regapper,
+            self.residency,
             active_sessions_max=self.properties.get(TPM_PT.ACTIVE_SESSIONS_MAX, 64),
         )
         self._executor.quotas = self.quotas
+        self.scheduler.known = table.__contains__  # durations only for the TPM's codes
         self._executor.baseline = {
             handle
             for kind in (TPM_HT.TRANSIENT, TPM_HT.HMAC_SESSION, TPM_HT.POLICY_SESSION)
@@ -156,11 +167,30 @@ class ResourceManager:
             len(table),
             ", ".join(f"{TPM_PT(p).name}={self.properties.get(p)}" for p in READ_PROPERTIES),
         )
+        self.backend_state.start()
         self._thread = threading.Thread(target=self._work, name="cusetpm-tpm", daemon=True)
         self._thread.start()
 
+    def _capacity(self) -> Capacity:
+        """The TPM's free slots now (nothing of ours is loaded), less the headroom: on a TPM
+        the kernel uses too, one object and one session slot are left for it by default."""
+        shared = getattr(self.backend, "shared", False)
+        default_free = 1 if shared else 0
+        config = self.config
+        return Capacity(
+            objects=self.properties.get(TPM_PT.HR_TRANSIENT_AVAIL, 3),
+            sessions=self.properties.get(TPM_PT.HR_LOADED_AVAIL, 3),
+            keep_free_objects=(
+                default_free if config.keep_free_objects is None else config.keep_free_objects
+            ),
+            keep_free_sessions=(
+                default_free if config.keep_free_sessions is None else config.keep_free_sessions
+            ),
+        )
+
     def stop(self) -> None:
         """Finish what is queued, close every space (flushing it), stop the worker."""
+        self.backend_state.stop()
         with self._cv:
             spaces = list(self._spaces)
         for space in spaces:
@@ -180,6 +210,7 @@ class ResourceManager:
         with self._cv:
             if self._stopping:
                 raise RMError(errno.ESHUTDOWN, "the resource manager is stopping")
+            self.backend_state.check_open()
             if len(self._spaces) >= self.config.max_spaces:
                 raise RMError(errno.ENFILE, f"{self.config.max_spaces} open spaces is the limit")
             self.quotas.check_open(uid, node)  # per uid, per node (rm/quotas.py)
@@ -261,6 +292,10 @@ class ResourceManager:
             for job in dropped:
                 if job in self._handed:
                     self._handed.remove(job)
+                    # The session it was handed is free again: the next waiter's, now (not
+                    # at the next eviction or refusal time).
+                    self._next_service = 0.0
+                    self._cv.notify_all()
                 else:
                     self._queue.remove(job)
                     self.scheduler.removed(job)
@@ -287,11 +322,15 @@ class ResourceManager:
                 )
             }
 
-        job = Job(Space(uid=-1), census)
+        result: dict[str, list[int]] = self._rm_work(census).result()
+        return result
+
+    def _rm_work(self, run: Callable[[], Any]) -> Future[Any]:
+        """Queue RM work that needs the TPM (no space's command): its future."""
+        job = Job(Space(uid=-1), run)
         with self._cv:
             self._enqueue(job)
-        result: dict[str, list[int]] = job.future.result()
-        return result
+        return job.future
 
     @property
     def round_trips(self) -> int:
@@ -512,11 +551,15 @@ class ResourceManager:
         started = time.perf_counter()
         trips = self.link.stats.round_trips
         try:
+            self.backend_state.before_command()
             response = self._executor.execute(space, command, queue_behind=behind)
         except RMError as exc:
+            self.backend_state.after_error(exc)
             refusals.warn(space, "%s refused: %s", command_name(command), exc)
             raise
         code = int.from_bytes(command[6:10], "big") if len(command) >= 10 else -1
+        if code not in self._executor.table:
+            code = -1  # codes the TPM does not know share one entry: no state per hostile code
         self.counters.command(code, time.perf_counter() - started)
         space.commands += 1
         space.last_command, space.last_rc = code, int.from_bytes(response[6:10], "big")
@@ -534,7 +577,14 @@ class ResourceManager:
 
     def _close(self, space: Space) -> None:
         assert self._executor is not None
-        self._executor.close(space)
+        try:
+            if self.backend_state.down:
+                self.backend_state.close_offline(space)
+            else:
+                self._executor.close(space)
+        except BackendError as exc:
+            self.backend_state.after_error(exc)
+            self.backend_state.close_offline(space)
         refusals.report_at_close(space)
         with self._cv:
             self._spaces.discard(space)

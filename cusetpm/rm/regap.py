@@ -12,6 +12,7 @@ saved sessions and the caller retries once.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from cusetpm.rm.sessions import SessionEntry, SessionTable
 from cusetpm.rm.tpmlink import ContextError, TpmLink
@@ -29,6 +30,9 @@ class Regapper:
         self.margin = max(8, window // 16)
         self.latest = 0  # highest session context sequence seen
         self.refreshes = 0
+        # Called before a refresh loads a session: residency frees a session slot if the
+        # TPM's are all taken by resident sessions.
+        self.make_room: Callable[[], None] = lambda: None
 
     def saved(self, entry: SessionEntry, context: bytes) -> None:
         """Record a session's new saved context (every session save goes through here)."""
@@ -62,6 +66,7 @@ class Regapper:
         assert entry.context is not None
         self.refreshes += 1
         try:
+            self.make_room()
             self.link.context_load(entry.context)
             self.saved(entry, self.link.context_save(entry.handle))
         except ContextError as exc:
@@ -70,5 +75,5 @@ class Regapper:
             if entry.owner is not None:
                 # Lost by the RM, as under exhaustion: its owner's next use says so (an
                 # RM-layer code), rather than the TPM's answer for a session never seen.
-                entry.owner.evicted.add(entry.handle)
+                entry.owner.revoked.add(entry.handle)
             self.sessions.forget(entry.handle)

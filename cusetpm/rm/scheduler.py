@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -128,6 +128,9 @@ class Scheduler:
     def __init__(self, fair: bool, aging: float):
         self.fair = fair
         self.aging = aging
+        # Command codes the TPM knows (the RM sets it at start): durations are learned for
+        # those only, so hostile codes cannot grow the table.
+        self.known: Callable[[int], bool] = lambda code: True
         self.durations = Durations()
         self.service: dict[int, float] = {}  # uid -> TPM seconds its commands have had
         self.stats = SchedulerStats()
@@ -183,8 +186,10 @@ class Scheduler:
         of a single client: the command is parsed here once, and fifo does nothing."""
         if not self.fair:
             return
-        self._running_key = duration_key(job.command) if job.command else None
-        key = self._running_key
+        key = duration_key(job.command) if job.command else None
+        if key is not None and not self.known(key[0]):
+            key = (-1, 0)  # every code the TPM does not know: one entry
+        self._running_key = key
         self._running_work = 0.0 if key is None else self.durations.expected(key)
 
     def finished(self, job: Schedulable, seconds: float) -> None:

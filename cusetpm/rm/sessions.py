@@ -32,6 +32,7 @@ class SessionEntry:
     context: bytes | None = None  # saved TPMS_CONTEXT while saved; None while loaded
     token: bytes | None = None  # CLIENT_SAVED: the blob the client holds
     saved_by: Space | None = None  # CLIENT_SAVED: the space that saved it, while open
+    node: str = ""  # the node of the space that started it: its token is claimed there only
     last_used: float = field(default_factory=time.monotonic)
 
     @property
@@ -63,10 +64,10 @@ class SessionTable:
     # -- membership -----------------------------------------------------------------------
 
     def add(self, handle: int, owner: Space) -> SessionEntry:
-        entry = SessionEntry(handle=handle, owner=owner)
+        entry = SessionEntry(handle=handle, owner=owner, node=owner.node)
         self._entries[handle] = entry
         owner.sessions.add(handle)
-        owner.evicted.discard(handle)  # the TPM reused the number: it is this space's again
+        owner.revoked.discard(handle)  # the TPM reused the number: it is this space's again
         return entry
 
     def get(self, handle: int) -> SessionEntry | None:
@@ -108,6 +109,10 @@ class SessionTable:
         entry.last_used = time.monotonic()
         self._saved_order.pop(entry.handle, None)
 
+    def touch(self, entry: SessionEntry) -> None:
+        """A command used it (residency's least-recently-used order)."""
+        entry.last_used = time.monotonic()
+
     def oldest_saved(self) -> SessionEntry | None:
         for handle in self._saved_order:
             return self._entries[handle]
@@ -144,7 +149,7 @@ class SessionTable:
         entry.owner = space
         entry.last_used = time.monotonic()
         space.sessions.add(entry.handle)
-        space.evicted.discard(entry.handle)
+        space.revoked.discard(entry.handle)
 
     def abandon(self, entry: SessionEntry) -> None:
         """Its saving space closed: the session waits for someone holding the token."""

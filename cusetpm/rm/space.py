@@ -24,17 +24,19 @@ def index_of(vhandle: int) -> int:
 
 
 @dataclass(slots=True)
-class SavedObject:
-    """A transient object of a space, kept as its saved context between commands."""
+class TransientObject:
+    """A transient object of a space: in the TPM now (`physical`), saved (`context`), or both."""
 
-    context: bytes  # raw TPMS_CONTEXT as ContextSave returned it
+    # raw TPMS_CONTEXT as ContextSave returned it; b"" until it is first saved
+    context: bytes
     # Keys never change once loaded, so their first saved context can be reloaded for ever and
-    # the RM only flushes them after use. Sequence objects (and blobs of unknown kind loaded by
-    # the client) change with every command and are saved again.
+    # the RM only flushes them when they leave. Sequence objects (and blobs of unknown kind
+    # loaded by the client) change with every command and are saved again each time.
     mutable: bool
     # The TPM's answer to a ReadPublic without sessions (outPublic, name, qualifiedName): the
     # public area of a loaded object never changes, so later ones are answered from it.
     read_public: bytes | None = None
+    physical: int | None = None  # its TPM handle while resident (rm/residency.py)
 
 
 @dataclass
@@ -52,15 +54,19 @@ class Space:
     commands: int = 0  # for `cusetpm status`
     last_command: int | None = None
     last_rc: int | None = None
-    objects: dict[int, SavedObject] = field(default_factory=dict)  # by virtual handle
+    objects: dict[int, TransientObject] = field(default_factory=dict)  # by virtual handle
     # session handles this space owns (their contexts live in the RM's session table)
     sessions: set[int] = field(default_factory=set)
     # sessions it saved itself (TPM2_ContextSave) and has not closed on: they count against
     # its session limit, and are abandoned when it closes
     client_saved: set[int] = field(default_factory=set)
-    # handles of its sessions the RM evicted under global exhaustion: using one gets an
-    # RM-layer error, never whatever session the TPM later gives that number
-    evicted: set[int] = field(default_factory=set)
+    # handles of its sessions the RM gave up (flushed under global exhaustion, or lost when
+    # their context could not be saved): using one gets an RM-layer error, never whatever
+    # session the TPM later gives that number
+    revoked: set[int] = field(default_factory=set)
+    # objects whose context is gone (the TPM refused to save it on eviction, or the TPM
+    # restarted: rm/backendstate.py): virtual handle -> the errno its next use gets, once
+    lost: dict[int, int] = field(default_factory=dict)
     refusals: int = 0  # commands refused so far (rm/refusals.py rate-limits their warnings)
     closed: bool = False
     _free: list[int] = field(default_factory=list)
@@ -77,6 +83,11 @@ class Space:
     def drop_object(self, vhandle: int) -> None:
         if self.objects.pop(vhandle, None) is not None:
             heapq.heappush(self._free, index_of(vhandle))
+
+    def lose_object(self, vhandle: int, err: int) -> None:
+        """Its context is gone; its number is never given out again in this space."""
+        if self.objects.pop(vhandle, None) is not None:
+            self.lost[vhandle] = err
 
     def __hash__(self) -> int:
         return self.id

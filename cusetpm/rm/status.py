@@ -30,13 +30,13 @@ def slots(rm: ResourceManager) -> dict[str, Any]:
     command: status never queues behind one). Sessions: `loaded` are in a TPM slot now (a
     command is using them), `saved` hold only a context-gap place; `free` is of the TPM's
     ACTIVE_SESSIONS_MAX. Objects: `objects_resident` is what the RM keeps loaded between
-    commands (none while every context is put away after each command; rm/residency.py will
-    fill it in); `objects_max` is TPM_PT_HR_TRANSIENT_AVAIL as read at start."""
+    commands (rm/residency.py; none in eager mode); `objects_max` is TPM_PT_HR_TRANSIENT_AVAIL
+    as read at start."""
     entries = list(rm.sessions)
     loaded = sum(1 for e in entries if e.context is None)
     active_max = rm.properties.get(TPM_PT.ACTIVE_SESSIONS_MAX, 0)
     objects_max = rm.properties.get(TPM_PT.HR_TRANSIENT_AVAIL, 0)
-    objects_resident = 0  # rm/residency.py: the objects the RM holds loaded between commands
+    objects_resident = rm.residency.resident_objects if rm.residency is not None else 0
     return {
         "sessions_loaded": loaded,
         "sessions_saved": len(entries) - loaded,

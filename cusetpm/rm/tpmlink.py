@@ -6,16 +6,23 @@ import logging
 import time
 from dataclasses import dataclass
 
-from cusetpm.backends.base import Backend
+from cusetpm.backends.base import Backend, BackendError
 from cusetpm.tpm import commands as build
 from cusetpm.tpm.command import parse_header
-from cusetpm.tpm.constants import TPM_HEADER_SIZE
+from cusetpm.tpm.constants import TPM_CC, TPM_HEADER_SIZE
 from cusetpm.tpm.rc import TPM_RC, rc_base, rc_name
 
 log = logging.getLogger(__name__)
 
 # Kernel tpm_transmit retries RETRY and TESTING; YIELDED asks for the same resend.
 RETRY_RCS = frozenset({TPM_RC.RETRY, TPM_RC.TESTING, TPM_RC.YIELDED})
+_STARTUP = TPM_CC.Startup.to_bytes(4, "big")
+
+
+class TpmNotStarted(BackendError):
+    """The TPM answered TPM_RC_INITIALIZE: it was power-cycled (swtpm CMD_INIT, a new swtpm
+    on the same connection) and waits for TPM2_Startup. Treated as a transport failure, so
+    rm/backendstate.py starts it and finds the contexts the RM holds lost."""
 
 
 class ContextError(Exception):
@@ -54,6 +61,9 @@ class TpmLink:
         self.stats = LinkStats()
         self._retry_first = retry_first_delay
         self._retry_max = retry_max_delay
+        # Set once the RM has started the TPM (rm/backendstate.py): from then on a
+        # TPM_RC_INITIALIZE means the TPM restarted under us.
+        self.started = False
 
     def transmit(self, command: bytes) -> bytes:
         """One command, resent while the TPM answers RETRY/TESTING/YIELDED (bounded)."""
@@ -67,6 +77,8 @@ class TpmLink:
             self.stats.retries += 1
             self.stats.round_trips += 1
             response = self.backend.transmit(command)
+        if self.started and _rc(response) == TPM_RC.INITIALIZE and command[6:10] != _STARTUP:
+            raise TpmNotStarted(f"{self.backend.name}: the TPM needs TPM2_Startup: it restarted")
         return response
 
     def context_load(self, context: bytes) -> int:

@@ -29,7 +29,9 @@ def test_started_already(backend: Backend) -> None:
 
 def test_startup_left_to_the_caller(target: Target) -> None:
     backend = target.open(startup=False)
-    assert T.rc(backend.transmit(T.startup())) in (T.TPM_RC_SUCCESS, T.TPM_RC_INITIALIZE)
+    # A fresh TPM that nobody started: commands are refused until the caller's Startup.
+    assert T.rc(backend.transmit(T.get_random(8))) == T.TPM_RC_INITIALIZE
+    assert T.rc(backend.transmit(T.startup())) == T.TPM_RC_SUCCESS
     ok(backend, T.get_random(8))
 
 

@@ -67,7 +67,7 @@ def openssl_verify(cwd: Path, pub: Path, signature: bytes, *pkeyopt: str) -> Non
     (cwd / "digest").write_bytes(hashlib.sha256(MESSAGE + b"!").digest())
     bad = run(["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", str(pub), "-in",
                "digest", "-sigfile", "sig", *opts], cwd, check=False)
-    assert bad.returncode != 0
+    assert (bad.returncode, bad.stdout.strip()) == (1, b"Signature Verification Failure"), bad
 
 
 def sign(token: dict[str, str], cwd: Path, data: bytes, *argv: str) -> bytes:

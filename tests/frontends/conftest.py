@@ -50,9 +50,14 @@ def lazy_unmount(path: Path) -> None:
 
 def schedule_args(extra: list[str]) -> list[str]:
     """CUSETPM_TEST_SCHEDULE=fifo serves the nodes in the other schedule (fair is the
-    default), unless a test names its own."""
+    default), unless a test names its own; CUSETPM_TEST_RESIDENCY=resident the other
+    residency mode (rm/residency.py; eager is the default for now)."""
     schedule = os.environ.get("CUSETPM_TEST_SCHEDULE")
-    return ["--schedule", schedule] if schedule and "--schedule" not in extra else []
+    args = ["--schedule", schedule] if schedule and "--schedule" not in extra else []
+    residency = os.environ.get("CUSETPM_TEST_RESIDENCY")
+    if residency and "--residency" not in extra:
+        args += ["--residency", residency]
+    return args
 
 
 @dataclass
@@ -204,8 +209,10 @@ def inproc(tmp_path: Path) -> Iterator[InProcessNode]:
     mount = tmp_path / "mnt"
     mount.mkdir()
     backend = LibtpmsBackend(tmp_path / "state")
-    schedule = os.environ.get("CUSETPM_TEST_SCHEDULE")
-    rm = ResourceManager(backend, RMConfig(schedule=schedule) if schedule else None)
+    rm = ResourceManager(backend, RMConfig(
+        schedule=os.environ.get("CUSETPM_TEST_SCHEDULE") or "fair",
+        residency=os.environ.get("CUSETPM_TEST_RESIDENCY") or "eager",
+    ))
     rm.start()
     ops = TpmFileOps(rm, NativeReplies())
     session = NodeSession(ops, NodeSpec(fuse_mount=str(mount), mode=0o666))

@@ -118,18 +118,15 @@ def test_signal_during_blocking_write_cancels_the_command(inproc: InProcessNode)
         # Each attempt another key: a quick prime search must not simply repeat.
         for attempt in range(6):
             signal.setitimer(signal.ITIMER_REAL, 0.02)
-            started = time.monotonic()
             assert os.write(fd, wire.create_primary_rsa(3072, unique=b"try%d" % attempt)) > 0
-            elapsed = time.monotonic() - started
             response = os.read(fd, 4096)
             codes.add(wire.rc(response))
             if wire.rc(response) == 0:  # the key was ready before the signal
                 os.write(fd, wire.flush_context(int.from_bytes(response[10:14], "big")))
                 os.read(fd, 4096)
-            else:
-                assert elapsed < 1.0
-                if wire.rc(response) == wire.TPM_RC_CANCELED:
-                    break
+            else:  # no other answer than the key or the TPM's own cancel
+                assert wire.rc(response) == wire.TPM_RC_CANCELED, hex(wire.rc(response))
+                break
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import os
 import select
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -278,23 +277,30 @@ def test_session_waiter_is_served_when_another_file_closes(node: str) -> None:
     (its release must get through the node) frees a session for it at once, long before
     the RM would evict an idle one."""
     holders: list[int] = []
+    handles: list[int] = []  # holders[i]'s session
     waiter = os.open(node, os.O_RDWR | os.O_NONBLOCK)
     try:
         while True:  # take sessions until the TPM has none left
             fd = os.open(node, os.O_RDWR)
             holders.append(fd)
             os.write(fd, wire.start_hmac_session())
-            if wire.rc(os.read(fd, 4096)) != 0 or len(holders) > 256:
+            response = os.read(fd, 4096)
+            if wire.rc(response) != 0 or len(holders) > 256:
                 raise AssertionError("the RM should make the last StartAuthSession wait")
+            handles.append(int.from_bytes(response[10:14], "big"))
             if len(holders) >= 64:  # libtpms: TPM_PT_ACTIVE_SESSIONS_MAX = 64
                 break
         os.write(waiter, wire.start_hmac_session())
         assert poll_once(waiter, select.POLLIN, 200) == 0  # it waits
-        started = time.monotonic()
-        os.close(holders.pop())
+        os.close(holders.pop())  # the most recently used session: never an eviction's pick
+        freed = handles.pop()
         assert poll_once(waiter, select.POLLIN, 5000) & select.POLLIN
-        assert time.monotonic() - started < 1.0  # handed the freed session, not an eviction
-        assert wire.rc(os.read(waiter, 4096)) == 0
+        response = os.read(waiter, 4096)
+        assert wire.rc(response) == 0
+        # Handed the freed session (libtpms reuses the one free slot), not one evicted from
+        # an idle holder (the least recently used: another slot).
+        got = int.from_bytes(response[10:14], "big")
+        assert got & 0xFFFFFF == freed & 0xFFFFFF, (hex(got), hex(freed))
     finally:
         os.close(waiter)
         for fd in holders:

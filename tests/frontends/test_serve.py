@@ -165,6 +165,54 @@ def test_node_permissions_are_enforced(make_daemon, public_dir: Path) -> None:  
     assert open_as(user.pw_uid, shared.node) == 0
 
 
+def test_openers_uid_and_pid_reach_the_rm(make_daemon, public_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """Each open's caller (FUSE's uid and pid of the opener) is its space's: a child that
+    setuid()s to nobody and root's own descriptor show as two spaces in `cusetpm status`."""
+    import json
+
+    user = nobody()
+    control = public_dir / "control"
+    d: Daemon = make_daemon(extra=["--mode", "0666", "--control", str(control)],
+                            mount=public_dir / "mnt").start()
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: opens as nobody, holds the descriptor until told to go
+        code = 0
+        try:
+            os.close(ready_r)
+            os.close(done_w)
+            os.setgroups([])
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+            fd = os.open(d.node, os.O_RDWR)
+            os.write(fd, wire.get_random(8))
+            code = 0 if wire.rc(os.read(fd, 4096)) == 0 else 3
+            os.write(ready_w, b"1")
+            os.read(done_r, 1)
+            os.close(fd)
+        except OSError as e:
+            code = e.errno or 255
+        os._exit(code)
+    os.close(ready_w)
+    os.close(done_r)
+    mine = os.open(d.node, os.O_RDWR)
+    try:
+        assert os.read(ready_r, 1) == b"1", "the child could not open the node as nobody"
+        out = subprocess.run(
+            [sys.executable, "-m", "cusetpm", "status", "--json", "--control", str(control)],
+            capture_output=True, text=True, timeout=60, check=True)
+        spaces = json.loads(out.stdout)["nodes"][d.node]
+        assert sorted((s["uid"], s["pid"], s["commands"]) for s in spaces) == sorted(
+            [(0, os.getpid(), 0), (user.pw_uid, pid, 1)]), spaces
+    finally:
+        os.close(mine)
+        os.close(done_w)
+        os.close(ready_r)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 def test_group_and_mode_options(make_daemon) -> None:  # type: ignore[no-untyped-def]
     import grp
 
@@ -194,7 +242,10 @@ def test_runs_as_user_after_setup(make_daemon, public_dir: Path) -> None:  # typ
 
 
 def test_command_in_flight_finishes_on_sigterm(make_daemon) -> None:  # type: ignore[no-untyped-def]
-    d: Daemon = make_daemon().start()
+    # --fuse-debug: libfuse logs each request as the daemon reads it, which tells a command
+    # the daemon has from one still queued in the kernel (SIGTERM ends the loop before
+    # reading that one, and the kernel answers it ECONNABORTED when the node goes).
+    d: Daemon = make_daemon(extra=["--fuse-debug"]).start()
     fd = os.open(d.node, os.O_RDWR)
     result: list[int | BaseException] = []
 
@@ -212,6 +263,9 @@ def test_command_in_flight_finishes_on_sigterm(make_daemon) -> None:  # type: ig
     deadline = time.monotonic() + 30
     while not Path(syscall).read_text().startswith("1 "):
         assert time.monotonic() < deadline, "the writer never blocked in write()"
+        time.sleep(0.001)
+    while "opcode: WRITE" not in d.log():  # ... and the daemon has read it
+        assert time.monotonic() < deadline, "the daemon never read the write"
         time.sleep(0.001)
     assert d.proc is not None
     d.proc.send_signal(signal.SIGTERM)

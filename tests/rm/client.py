@@ -289,6 +289,9 @@ def space_sessions(client: RawClient) -> list[int]:
 
 # ContextLoad of a spent, unknown or dead session token: TPM_RC_HANDLE|P|1 in the RM's layer.
 RC_STALE_TOKEN = 0x000B01CB
+# The TPM's own answer to get_random_with_session(): a session on a command without an
+# authorization handle must be for audit, encrypt or decrypt (libtpms, HMAC and policy alike).
+RC_ATTRIBUTES_S1 = 0x982  # TPM_RC_ATTRIBUTES, session 1
 RC_RM_SESSION_MEMORY = 0x000B0903  # over the space's session limit
 RC_RM_SESSION_HANDLES = 0x000B0905  # no TPM session became free within session_wait_max
 RC_RM_EVICTED_H0 = 0x000B0910  # an evicted session in the handle area, position 0 (+n)

@@ -20,18 +20,37 @@ RMFactory = Callable[..., ResourceManager]
 # schedule itself and is left out of such a run.
 TEST_SCHEDULE = os.environ.get("CUSETPM_TEST_SCHEDULE")
 
+# Every RM test runs in both residency modes (rm/residency.py): "resident" (the default: contexts
+# stay in the TPM between commands) and "eager" (nothing stays). A test about one mode only
+# says so with @pytest.mark.residency("eager") (or "resident") and runs once.
+RESIDENCY_MODES = ("resident", "eager")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "residency" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("residency")
+    modes = marker.args if marker else RESIDENCY_MODES
+    metafunc.parametrize("residency", modes)
+
 
 @pytest.fixture
-def make_rm(tmp_path: Path) -> Iterator[RMFactory]:
-    """make_rm(config=None, wrap=None): one RM over a fresh libtpms; `wrap` may wrap the
-    backend (fault injection). Stopped and closed after the test."""
+def residency(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def make_rm(tmp_path: Path, residency: str) -> Iterator[RMFactory]:
+    """make_rm(config=None, wrap=None): one RM over a fresh libtpms, in the test's residency
+    mode; `wrap` may wrap the backend (fault injection). Stopped and closed after the test."""
     made: list[tuple[ResourceManager, LibtpmsBackend]] = []
 
     def factory(config: RMConfig | None = None, wrap: Callable | None = None) -> ResourceManager:
         assert not made, "libtpms is one TPM per process: one RM per test"
         backend = LibtpmsBackend(tmp_path / "state")
+        config = dataclasses.replace(config or RMConfig(), residency=residency)
         if TEST_SCHEDULE:
-            config = dataclasses.replace(config or RMConfig(), schedule=TEST_SCHEDULE)
+            config = dataclasses.replace(config, schedule=TEST_SCHEDULE)
         rm = ResourceManager(wrap(backend) if wrap else backend, config)
         made.append((rm, backend))
         rm.start()

@@ -28,6 +28,7 @@ from cusetpm.tpm import commands as build
 from cusetpm.tpm.command import AuthCommand, Command
 from cusetpm.tpm.constants import TPM_CC, TPM_RH, TPM_SE, TPM_ST
 from tests.rm.client import (
+    RC_ATTRIBUTES_S1,
     RC_RM_EVICTED_H0,
     RC_RM_EVICTED_S0,
     RC_RM_SESSION_HANDLES,
@@ -44,9 +45,13 @@ from tests.rm.client import (
 from tests.rm.conftest import RMFactory, assert_tpm_empty
 from tests.rm.faults import FaultyBackend
 
+# These tests check the eager discipline (nothing of a space in the TPM between commands:
+# census, saved contexts, round trips); resident mode is covered by test_residency.py until
+# they are rewritten to hold in both modes.
+pytestmark = pytest.mark.residency("eager")
+
 TPM_SESSIONS = 64  # libtpms' TPM_PT_ACTIVE_SESSIONS_MAX
 RC_SESSION_HANDLES = 0x905
-RC_ATTRIBUTES_S1 = 0x982  # TPM_RC_ATTRIBUTES, session 1
 INDEX = 0x00FFFFFF
 
 
@@ -144,8 +149,10 @@ def test_100_spaces_from_100_threads_on_64_sessions(rm: ResourceManager) -> None
     assert all(not t.is_alive() for t in pool)
     assert results == [[0, 0, 0, 0, 0]] * threads
     assert stats.waited >= threads - TPM_SESSIONS
+    # Nobody was refused (so nobody waited past session_wait_max) and nobody was evicted:
+    # each waiter got a session another thread flushed.
     assert stats.evictions == 0 and stats.refused == 0
-    assert 0 < stats.max_wait < 5
+    assert stats.max_wait > 0
     assert rm.open_spaces == 0
     assert_tpm_empty(rm)
 
@@ -218,6 +225,50 @@ def test_waiters_get_freed_sessions_in_arrival_order(make_rm: RMFactory) -> None
     assert_tpm_empty(rm)
 
 
+def test_cancelled_waiter_handed_a_freed_session_passes_it_on(make_rm: RMFactory) -> None:
+    """Two sessions freed at once go to the first two waiters; the second is cancelled
+    after the hand-off, before it runs (the first holds the worker at the TPM). cancel()
+    drops it, its space is free for its next command, and the session it would have had
+    goes to the third waiter at once (no eviction, no refusal: both are an hour away)."""
+    rm = make_rm(config(session_evict_after=3600.0, session_wait_max=3600.0),
+                 wrap=FaultyBackend)
+    faulty = rm.backend
+    assert isinstance(faulty, FaultyBackend)
+    holder, pair = new_client(rm), new_client(rm)
+    held = fill(holder, TPM_SESSIONS - 2)
+    fill(pair, 2)
+    assert_full(rm)
+    w1, w2, w3 = new_client(rm), new_client(rm), new_client(rm)
+    f1, f2, f3 = park(rm, w1), park(rm, w2), park(rm, w3)
+    gate = faulty.hold(TPM_CC.StartAuthSession)  # the first waiter's, once handed its session
+    mark = faulty.mark()
+    rm.close_space(pair.space)  # two sessions freed in one job: one service hands both
+    try:
+        assert faulty.wait_started(TPM_CC.StartAuthSession, mark)  # w1 holds the worker
+        assert not f2.done() and not f3.done()
+        rm.cancel(w2.space)  # w2 was handed a session and has not run
+    finally:
+        gate.set()
+    with pytest.raises(RMError) as info:
+        f2.result(10)
+    assert info.value.errno == errno.EINTR
+    s1 = handle_of(never_tpm_905(f1.result(10)))
+    # 3600 s from any eviction or refusal: only the session w2 let go can serve w3 by then.
+    s3 = handle_of(never_tpm_905(f3.result(10)))
+    assert usable(w1, s1) and usable(w3, s3)
+    assert rm.wait_stats.evictions == 0 and rm.wait_stats.refused == 0
+    # w2's space is free again (not left busy): its next command runs, and finds the TPM
+    # full again, so it waits like anyone (no session was lost to the cancel).
+    assert len(w2.get_random(8)) == 8
+    assert len(rm.sessions) == TPM_SESSIONS
+    holder.flush(held[0])
+    s2 = handle_of(never_tpm_905(rm.submit(w2.space, start_session_command()).result(10)))
+    assert usable(w2, s2)
+    for client in (holder, w1, w2, w3):
+        rm.close_space(client.space)
+    assert_tpm_empty(rm)
+
+
 # -- eviction ----------------------------------------------------------------------------------
 
 
@@ -265,8 +316,9 @@ def test_only_idle_sessions_are_evicted(make_rm: RMFactory) -> None:
     rm = make_rm(config(session_timeout=EVICT_TIMEOUT, session_evict_after=0.1))
     x, y, s1, s2, waited = evict_for_two_waiters(rm)
     print(f"\neviction: two waiters served in {waited * 1e3:.0f} ms")
-    assert 0.1 <= waited < EVICT_TIMEOUT  # after session_evict_after, and not by chance later
-    assert rm.wait_stats.evictions == 2
+    assert waited >= 0.1  # not before session_evict_after
+    # Served by the two evictions (no session was flushed, nobody refused), not by a timeout.
+    assert rm.wait_stats.evictions == 2 and rm.wait_stats.refused == 0
     # the two idle ones went (the waiters got their numbers); the 62 used ones stayed
     assert sorted([s1 & INDEX, s2 & INDEX]) == sorted([x & INDEX, y & INDEX])
     assert_tpm_empty(rm)
@@ -416,7 +468,7 @@ def test_refused_after_session_wait_max_when_nothing_is_old_enough(make_rm: RMFa
     waited = time.monotonic() - started
     print(f"\nrefused after {waited * 1e3:.0f} ms (session_wait_max {wait_max * 1e3:.0f} ms)")
     assert (len(response), rc_of(response)) == (10, RC_RM_SESSION_HANDLES)
-    assert wait_max <= waited < wait_max + 0.5
+    assert waited >= wait_max  # not refused before the bound
     assert rm.wait_stats.refused == 1 and rm.wait_stats.evictions == 0
     assert all(usable(holder, s) for s in held)
     # the refused space goes on; with a free session it gets one at once
@@ -461,7 +513,7 @@ def test_refused_after_session_wait_max_when_all_sessions_stay_busy(make_rm: RMF
     assert failures == []
     assert passes[0] >= 2
     assert (len(response), rc_of(response)) == (10, RC_RM_SESSION_HANDLES)
-    assert wait_max <= waited < wait_max + 0.5
+    assert waited >= wait_max  # not refused before the bound
     assert rm.wait_stats.evictions == 0 and rm.wait_stats.refused == 1
     for client in [*holders, waiter]:
         rm.close_space(client.space)
@@ -535,8 +587,9 @@ def test_over_the_space_limit_is_refused_at_once_even_while_others_wait(
 ) -> None:
     """The per-space limit is checked before anything runs: a space at its limit gets
     0x000B0903 at once, not a place in the queue for a session it may not have (and not
-    0x000B0905 after session_wait_max)."""
-    wait_max = 0.5
+    0x000B0905 after session_wait_max: the waiter, parked first, is still waiting when the
+    refusal comes)."""
+    wait_max = 10.0
     rm = make_rm(
         RMConfig(
             max_sessions=2, session_timeout=60, session_evict_after=0.05, session_wait_max=wait_max
@@ -547,12 +600,10 @@ def test_over_the_space_limit_is_refused_at_once_even_while_others_wait(
         fill(holder, 2)
     waiter = new_client(rm)
     waiting = park(rm, waiter)
-    started = time.monotonic()
     response = holders[0].send(start_session_command())
-    answered = time.monotonic() - started
     assert (len(response), rc_of(response)) == (10, RC_RM_SESSION_MEMORY), hex(rc_of(response))
-    assert answered < wait_max / 2, f"answered after {answered * 1e3:.0f} ms"
-    assert rm.wait_stats.waited == 1
+    assert not waiting.done()  # answered while the earlier waiter still waits
+    assert rm.wait_stats.waited == 1 and rm.wait_stats.refused == 0
     # the waiter still gets the next freed session
     holders[1].flush(space_sessions(holders[1])[0])
     assert rc_of(waiting.result(5)) == 0
@@ -563,16 +614,18 @@ def test_over_the_space_limit_is_refused_at_once_even_while_others_wait(
 
 def test_wait_bound_holds_when_eviction_comes_later_than_the_bound(make_rm: RMFactory) -> None:
     """session_wait_max bounds the wait whatever session_evict_after says (a large
-    session_evict_after is how one turns eviction off)."""
-    wait_max, evict_after = 0.3, 3.0
+    session_evict_after is how one turns eviction off). Eviction an hour away: a wait
+    bounded only by it would hang, and the 30 s guard fails it (no speed is measured)."""
+    wait_max, evict_after = 0.3, 3600.0
     rm = make_rm(config(session_evict_after=evict_after, session_wait_max=wait_max))
     holder, waiter = new_client(rm), new_client(rm)
     fill(holder, TPM_SESSIONS)
     started = time.monotonic()
-    response = waiter.send(start_session_command())
+    response = rm.submit(waiter.space, start_session_command()).result(30)
     waited = time.monotonic() - started
     assert (len(response), rc_of(response)) == (10, RC_RM_SESSION_HANDLES)
-    assert waited < wait_max + 0.5, f"refused after {waited:.2f} s, not {wait_max} s"
+    assert waited >= wait_max  # not refused before the bound
+    assert rm.wait_stats.refused == 1 and rm.wait_stats.evictions == 0
     for client in (holder, waiter):
         rm.close_space(client.space)
     assert_tpm_empty(rm)

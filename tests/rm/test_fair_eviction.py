@@ -44,7 +44,7 @@ def test_a_uid_over_its_share_loses_its_idle_sessions_first(make_rm: RMFactory) 
     taken = [handle_of(rm.submit(w.space, start_session_command()).result(5)) for w in waiters]
     assert rm.wait_stats.evictions == 2
     # heavy's two least recently used went (the waiters got their numbers); light kept all
-    assert sorted(heavy.space.evicted) == sorted(heavy_sessions[:2])
+    assert sorted(heavy.space.revoked) == sorted(heavy_sessions[:2])
     assert sorted(taken) == sorted(heavy_sessions[:2])
     assert sorted(light.space.sessions) == sorted(light_sessions)
     assert all(usable(light, s) for s in light_sessions)
@@ -61,7 +61,7 @@ def test_without_anyone_over_the_share_eviction_is_lru(make_rm: RMFactory) -> No
     time.sleep(IDLE + 0.05)
     waiter = open_uid(rm, 1002)
     taken = handle_of(rm.submit(waiter.space, start_session_command()).result(5))
-    assert taken == older[0] and first.space.evicted == {older[0]}
+    assert taken == older[0] and first.space.revoked == {older[0]}
     assert sorted(second.space.sessions) == sorted(newer)
     for client in (first, second, waiter):
         rm.close_space(client.space)

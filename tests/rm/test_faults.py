@@ -47,6 +47,11 @@ from tests.rm.client import (
 from tests.rm.conftest import RMFactory, assert_tpm_empty
 from tests.rm.faults import FaultyBackend
 
+# These tests check the eager discipline (nothing of a space in the TPM between commands:
+# census, saved contexts, round trips); resident mode is covered by test_residency.py until
+# they are rewritten to hold in both modes.
+pytestmark = pytest.mark.residency("eager")
+
 FAST_RETRY = RMConfig(retry_first_delay=0.001, retry_max_delay=0.01)
 
 RC_INTEGRITY_P1 = 0x1DF  # TPM_RC_INTEGRITY + TPM_RC_P + TPM_RC_1
@@ -461,8 +466,9 @@ def test_reconcile_spares_firmware_objects(make_rm: RMFactory):
     # repeated ReadPublic itself)
     for nth, after_send in ((1, True), (3, False), (2, True)):
         tpm.break_transport(nth=nth, after_send=after_send)
-        with pytest.raises(RMError):
+        with pytest.raises(RMError) as info:
             a.context_save(a1)
+        assert info.value.errno == errno.EIO, info.value
         tpm.heal()
         if a1 not in space_objects(a):
             a1 = make_key(a, b"a1")
@@ -483,12 +489,14 @@ def test_repeated_transport_failures_do_not_exhaust_tpm(faulty):
     s1 = a.start_session(TPM_SE.POLICY)
     for i in range(10):
         tpm.break_transport(TPM_CC.FlushContext)
-        with pytest.raises(RMError):
+        with pytest.raises(RMError) as info:
             a.read_public(make_key(a, b"k%d" % i))
+        assert info.value.errno == errno.EIO, info.value
         tpm.heal()
         tpm.break_transport(TPM_CC.ContextSave)
-        with pytest.raises(RMError):
+        with pytest.raises(RMError) as info:
             a.send(policy_restart_command(s1))
+        assert info.value.errno == errno.EIO, info.value
         tpm.heal()
         if s1 not in space_sessions(a):
             s1 = a.start_session(TPM_SE.POLICY)

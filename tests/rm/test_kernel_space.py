@@ -14,6 +14,11 @@ from cusetpm.tpm.constants import TPM_CAP, TPM_PT
 from tests.rm.client import RawClient, ecc_storage_template, name_of, rc_of, with_unique
 from tests.rm.conftest import assert_tpm_empty
 
+# These tests check the eager discipline (nothing of a space in the TPM between commands:
+# census, saved contexts, round trips); resident mode is covered by test_residency.py until
+# they are rewritten to hold in both modes.
+pytestmark = pytest.mark.residency("eager")
+
 TRANSIENT_FIRST = 0x80000000
 
 

@@ -26,6 +26,11 @@ from tests.rm.client import (
 from tests.rm.conftest import RMFactory, assert_tpm_empty
 from tests.rm.faults import FaultyBackend
 
+# These tests check the eager discipline (nothing of a space in the TPM between commands:
+# census, saved contexts, round trips); resident mode is covered by test_residency.py until
+# they are rewritten to hold in both modes.
+pytestmark = pytest.mark.residency("eager")
+
 RC_HANDLE_P1 = 0x1CB
 RC_MEMORY = 0x904
 TPM_RC_NULL_SCHEME = b"\x00\x10"  # TPM_ALG_NULL

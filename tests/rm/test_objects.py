@@ -8,6 +8,7 @@ import os
 import random
 import struct
 
+import pytest
 from tpm2_pytss import ESAPI
 from tpm2_pytss.constants import TPM2_ALG, TPM2_SE, TPMA_SESSION
 from tpm2_pytss.types import (
@@ -38,6 +39,11 @@ from tests.rm.client import (
     with_unique,
 )
 from tests.rm.conftest import assert_tpm_empty
+
+# These tests check the eager discipline (nothing of a space in the TPM between commands:
+# census, saved contexts, round trips); resident mode is covered by test_residency.py until
+# they are rewritten to hold in both modes.
+pytestmark = pytest.mark.residency("eager")
 
 TRANSIENT_FIRST = 0x80000000
 NULL_SCHEME = TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL)

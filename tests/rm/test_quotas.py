@@ -121,3 +121,25 @@ def test_new_limits_keep_what_is_held(make_rm: RMFactory) -> None:
     assert sorted(a.space.sessions) == sorted(held)
     rm.set_node_limits("tpmrm-user", None)
     a.start_session()
+
+
+def test_a_token_is_claimed_only_on_its_node_and_within_the_quotas(make_rm: RMFactory) -> None:
+    """Continuation tokens neither carry a session to another node (whose policy may be
+    narrower) nor let a uid hold more sessions than its quota."""
+    from tests.rm.continuation_helpers import RC_STALE, claim_rc
+
+    rm = make_rm()
+    rm.set_node_limits("tpmrm-user", NodeLimits(sessions_per_uid=1))
+    full = RawClient(rm, rm.open_space(uid=1000, node="tpmrm0"))
+    user = RawClient(rm, rm.open_space(uid=1000, node="tpmrm-user"))
+    user_b = RawClient(rm, rm.open_space(uid=1000, node="tpmrm-user"))
+    token_full = full.context_save(full.start_session())
+    assert claim_rc(user, token_full) == RC_STALE  # saved on tpmrm0: not claimable here
+    assert claim_rc(full, token_full) == 0  # where it was saved, it still is
+    token_user = user.context_save(user.start_session())
+    rm.close_space(user.space)  # abandoned: counted against nobody until claimed
+    user_b.start_session()  # uid 1000's one session on the node
+    assert claim_rc(user_b, token_user) == OVER_SESSIONS
+    rm.close_space(user_b.space)
+    other = RawClient(rm, rm.open_space(uid=1000, node="tpmrm-user"))
+    assert claim_rc(other, token_user) == 0

@@ -35,6 +35,11 @@ from tests.rm.client import (
 from tests.rm.conftest import RMFactory, assert_tpm_empty
 from tests.rm.faults import FaultyBackend
 
+# These tests check the eager discipline (nothing of a space in the TPM between commands:
+# census, saved contexts, round trips); resident mode is covered by test_residency.py until
+# they are rewritten to hold in both modes.
+pytestmark = pytest.mark.residency("eager")
+
 RC_CONTEXT_GAP = 0x901
 RC_VALUE_H1 = 0x184
 LIBTPMS_GAP = 65535

@@ -42,6 +42,7 @@ from cusetpm.rm.space import VHANDLE_BASE
 from cusetpm.tpm import commands as build
 from cusetpm.tpm.constants import TPM_CC, TPM_HR_HANDLE_MASK, TPM_HT, TPM_SE, handle_type
 from tests.rm.client import (
+    RC_ATTRIBUTES_S1,
     RC_STALE_TOKEN,
     RawClient,
     assert_answered_as_absent,
@@ -55,6 +56,11 @@ from tests.rm.client import (
     space_sessions,
     with_unique,
 )
+
+# These tests check the eager discipline (nothing of a space in the TPM between commands:
+# census, saved contexts, round trips); resident mode is covered by test_residency.py until
+# they are rewritten to hold in both modes.
+pytestmark = pytest.mark.residency("eager")
 
 MAX_SPACES = 5
 RULES = (
@@ -247,9 +253,10 @@ class RMMachine(RuleBasedStateMachine):
             rc = rc_of(space.client.send(policy_get_digest_command(handle)))
             assert (rc == 0) == policy, hex(rc)
         else:
-            # In the authorization area with continueSession: whatever the TPM answers (the
-            # HMAC is empty), the session stays.
-            space.client.send(get_random_with_session(handle))
+            # In the authorization area with continueSession: the TPM itself refuses the
+            # session's attributes (it reached the TPM, loaded), and the session stays.
+            rc = rc_of(space.client.send(get_random_with_session(handle)))
+            assert rc == RC_ATTRIBUTES_S1, hex(rc)
 
     @precondition(lambda self: any(s.sessions for s in self.spaces))
     @rule(data=st.data())

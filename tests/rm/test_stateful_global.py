@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -48,6 +49,11 @@ from tests.rm.client import (
     start_session_command,
 )
 from tests.rm.conftest import RMFactory, assert_tpm_empty
+
+# These tests check the eager discipline (nothing of a space in the TPM between commands:
+# census, saved contexts, round trips); resident mode is covered by test_residency.py until
+# they are rewritten to hold in both modes.
+pytestmark = pytest.mark.residency("eager")
 
 MAX_SESSIONS = 4
 MAX_ABANDONED = 3

@@ -296,6 +296,7 @@ def run_guest_suite(
         rwdir = Path(tempfile.mkdtemp(prefix="cusetpm-vm-"))
     args = pytest_args if pytest_args else [GUEST_SUITE]
     rwdir = rwdir.resolve()
+    rwdir.mkdir(parents=True, exist_ok=True)  # the kselftest copy goes there before boot
     result = run_in_guest(guest_suite_script(args, rwdir), timeout, rwdir)
     pytest_log = rwdir / "pytest.log"
     if result.timed_out and pytest_log.exists():

@@ -23,9 +23,11 @@ from pathlib import Path
 import pytest
 
 from tests.vm.guest.conftest import (
+    BACKENDS,
     PROJECT_ROOT,
     UDEV_ETC_RULES,
     CuseDaemon,
+    make_vtpm_chip,
     start_cuse_daemon,
     udev_settle,
     udevadm,
@@ -78,14 +80,23 @@ def cusetpm_rule(udev_isolated: list[str]) -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def fresh_daemon(
-    cusetpm_rule: Path, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, cusetpm_rule: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[CuseDaemon]:
-    """`cusetpm serve --name tpmrm43` started with the rule installed: udev sees its add."""
-    daemon = start_cuse_daemon(FRESH_NAME, tmp_path_factory.mktemp("fresh"))
+    """`cusetpm serve --name tpmrm43` started with the rule installed: udev sees its add.
+    Parametrized by backend; the device one gets a kernel TPM chip of its own (a chip's
+    /dev/tpmN has one opener at a time, and the session's device daemon holds its own)."""
+    base = tmp_path_factory.mktemp("fresh")
+    chip = make_vtpm_chip(base) if request.param == "device" else None
+    backend = f"device:{chip.tpm}" if chip else "libtpms"
     try:
-        yield daemon
+        daemon = start_cuse_daemon(FRESH_NAME, base, backend=backend)
+        try:
+            yield daemon
+        finally:
+            daemon.stop()
     finally:
-        daemon.stop()
+        if chip is not None:
+            chip.remove()
 
 
 def test_udevd_runs_in_the_guest() -> None:
@@ -94,6 +105,7 @@ def test_udevd_runs_in_the_guest() -> None:
     assert "systemd-udevd" in names, "no systemd-udevd process"
 
 
+@pytest.mark.parametrize("fresh_daemon", BACKENDS, indirect=True)
 def test_rule_makes_a_new_cuse_node_group_tss_0660(fresh_daemon: CuseDaemon) -> None:
     assert fresh_daemon.node_stat is not None
     assert node_attrs(fresh_daemon.path) == ("0660", "root", "tss")
@@ -101,6 +113,7 @@ def test_rule_makes_a_new_cuse_node_group_tss_0660(fresh_daemon: CuseDaemon) -> 
     assert len(parse_getrandom_response(transact(path, getrandom_command(8)))) == 8
 
 
+@pytest.mark.parametrize("fresh_daemon", BACKENDS, indirect=True)
 def test_udevadm_test_shows_the_rule_applied_to_the_cuse_node(fresh_daemon: CuseDaemon) -> None:
     out = udevadm_test(Path("/sys/class/cuse") / fresh_daemon.name)
     gid = grp.getgrnam("tss").gr_gid

@@ -1,9 +1,11 @@
 """cusetpm over CUSE in the guest kernel: the node clients will really open.
 
-The shared daemon is ``cuse_daemon`` (tests/vm/guest/conftest.py): /dev/tpmrm42 on
-libtpms.  The kernel's own node for side-by-side checks is ``kernel_tpmrm``.  The
-node's file semantics and the tpm2-tools clients are tests/frontends' tests, run on
-this node by test_frontends_on_cuse.py; udev is test_cuse_udev.py.
+The shared daemons (tests/vm/guest/conftest.py) are ``cuse_daemon``, /dev/tpmrm42 on
+libtpms, and ``device_daemon``, /dev/tpmrm45 on a kernel TPM chip (``--backend
+device:/dev/tpmN``); tests that send TPM commands run on both (``served``).  The
+kernel's own node for side-by-side checks is ``kernel_tpmrm``.  The node's file
+semantics and the tpm2-tools clients are tests/frontends' tests, run on these nodes by
+test_frontends_on_cuse.py; udev is test_cuse_udev.py.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pytest
 
 from tests.vm.guest import tpm_raw as raw
 from tests.vm.guest.conftest import (
+    BACKENDS,
     CUSE_MAX_SPACES,
     CuseDaemon,
     require_tool,
@@ -57,14 +60,16 @@ def test_cuse_node_is_in_the_cuse_class(cuse_daemon: CuseDaemon) -> None:
     assert (sysfs / "dev").read_text().strip() == f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
 
 
-def test_cuse_node_raw_getrandom(cusetpm_cuse_node: str) -> None:
-    data = parse_getrandom_response(transact(cusetpm_cuse_node, getrandom_command(16)))
+@pytest.mark.parametrize("served", BACKENDS, indirect=True)
+def test_cuse_node_raw_getrandom(served: CuseDaemon) -> None:
+    data = parse_getrandom_response(transact(served.path, getrandom_command(16)))
     assert len(data) == 16
 
 
-def test_cuse_node_tpm2_getrandom(cusetpm_cuse_node: str) -> None:
+@pytest.mark.parametrize("served", BACKENDS, indirect=True)
+def test_cuse_node_tpm2_getrandom(served: CuseDaemon) -> None:
     proc = subprocess.run(
-        [require_tool("tpm2_getrandom"), "-T", f"device:{cusetpm_cuse_node}", "--hex", "8"],
+        [require_tool("tpm2_getrandom"), "-T", f"device:{served.path}", "--hex", "8"],
         capture_output=True,
         text=True,
         check=False,
@@ -242,10 +247,12 @@ def _greedy_client(node: str):  # type: ignore[no-untyped-def]
     return run
 
 
-def test_sigkilled_client_leaves_nothing_in_the_tpm(cuse_daemon: CuseDaemon) -> None:
+@pytest.mark.parametrize("served", BACKENDS, indirect=True)
+def test_sigkilled_client_leaves_nothing_in_the_tpm(served: CuseDaemon) -> None:
     """A client holding objects and sessions on several descriptors, with a command in
     flight, is SIGKILLed: the TPM's session and object counts and the RM's free spaces
     all come back to what they were."""
+    cuse_daemon = served
     node = cuse_daemon.path
     baseline = census(node)
     assert baseline[raw.TPM_PT_HR_LOADED] == 0, f"sessions left loaded: {baseline}"
@@ -286,10 +293,13 @@ def _blocked_writer(node: str, attempt: int):  # type: ignore[no-untyped-def]
     return run
 
 
-def test_client_killed_in_a_blocked_write_is_cancelled(cuse_daemon: CuseDaemon) -> None:
+@pytest.mark.parametrize("served", BACKENDS, indirect=True)
+def test_client_killed_in_a_blocked_write_is_cancelled(served: CuseDaemon) -> None:
     """SIGKILL while write() waits for an RSA-2048 CreatePrimary: the kernel sends
     FUSE_INTERRUPT, the daemon cancels the command and answers, the client dies, and
-    the daemon serves on with nothing left behind."""
+    the daemon serves on with nothing left behind.  (On the device backend the kernel
+    offers no cancel: the command runs to its end and its result is flushed.)"""
+    cuse_daemon = served
     node = cuse_daemon.path
     baseline = census(node)
     attempts = []

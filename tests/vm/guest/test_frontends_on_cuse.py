@@ -18,7 +18,8 @@ Left out here (see NOT_ON_CUSE), each run on the host instead:
   RM and the file operations, which the host covers on FUSE; tpm2-tools (C) is the
   client that reaches the CUSE node here.
 
-tests/test_vm_guest.py imports ADOPTED and fails unless every one of them passed.
+tests/test_vm_guest.py fails unless every one of them passed.  The same tests on the
+device backend (a kernel TPM chip behind cusetpm) are test_frontends_on_device.py's.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import pytest
 from tests.frontends import test_clients as _clients
 from tests.frontends import test_kselftest as _kselftest
 from tests.frontends import test_semantics as _semantics
+from tests.vm.guest.adopt import adopt
 
 NOT_ON_CUSE = {
     "test_node_attributes": "a FUSE mount's attributes",
@@ -36,25 +38,11 @@ NOT_ON_CUSE = {
 }
 
 
-_FIXTURE = type(_semantics.fd)  # what @pytest.fixture makes of a function
-
-
-def _adopt(module: object) -> list[str]:
-    """Bind the module's tests and fixtures here, so pytest collects them in this module."""
-    adopted = []
-    for name, value in vars(module).items():
-        if name in NOT_ON_CUSE:
-            continue
-        if name.startswith("test_") and callable(value):
-            adopted.append(name)
-            globals()[name] = value
-        elif isinstance(value, _FIXTURE):
-            globals()[name] = value  # fd, nbfd
-    return adopted
-
-
 # Test function names (parametrized ones once); tests/test_vm_guest.py requires them all.
-ADOPTED: tuple[str, ...] = (*_adopt(_semantics), *_adopt(_clients), *_adopt(_kselftest))
+ADOPTED: tuple[str, ...] = tuple(
+    name for module in (_semantics, _clients, _kselftest)
+    for name in adopt(module, globals(), NOT_ON_CUSE)
+)
 
 
 @pytest.fixture(scope="module")

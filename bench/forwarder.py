@@ -149,19 +149,7 @@ class Forwarder:
 
     @staticmethod
     def _serve_ctrl(client: socket.socket, upstream: socket.socket) -> None:
-        def pump(src: socket.socket, dst: socket.socket) -> None:
-            with contextlib.suppress(OSError):
-                while data := src.recv(65536):
-                    dst.sendall(data)
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
-
-        other = threading.Thread(target=pump, args=(upstream, client), daemon=True)
-        other.start()
-        pump(client, upstream)
-        other.join(5)
-        client.close()
-        upstream.close()
+        relay_ctrl(client, upstream)
 
     def close(self) -> None:
         for listener in self._listeners:
@@ -170,3 +158,21 @@ class Forwarder:
             listener.close()
         for thread in self._threads:
             thread.join(2)
+
+
+def relay_ctrl(client: socket.socket, upstream: socket.socket) -> None:
+    """swtpm's control channel, passed through both ways unchanged until either side closes."""
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    other = threading.Thread(target=pump, args=(upstream, client), daemon=True)
+    other.start()
+    pump(client, upstream)
+    other.join(5)
+    client.close()
+    upstream.close()

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from bench.forwarder import relay_ctrl
 from bench.workloads import Transmit, flush_all
 from cusetpm.backends.base import BackendError
 from cusetpm.backends.swtpm import SwtpmBackend, SwtpmProcess, free_port_pair
@@ -424,19 +425,7 @@ class CountingProxy:
 
     @staticmethod
     def _serve_ctrl(client: socket.socket, upstream: socket.socket) -> None:
-        def pump(src: socket.socket, dst: socket.socket) -> None:
-            with contextlib.suppress(OSError):
-                while data := src.recv(65536):
-                    dst.sendall(data)
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
-
-        other = threading.Thread(target=pump, args=(upstream, client), daemon=True)
-        other.start()
-        pump(client, upstream)
-        other.join(5)
-        client.close()
-        upstream.close()
+        relay_ctrl(client, upstream)
 
     def close(self) -> None:
         for listener in self._listeners:
